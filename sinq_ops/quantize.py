@@ -1,0 +1,249 @@
+"""SINQ quantization of one weight matrix, and the quantized weight it produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from . import aux8, packing
+from .config import KURTOSIS_GATE, SINKHORN_ITERS, QuantConfig
+from .rounding import codebook, decode, round_codebook, round_uniform
+from .sinkhorn import kurtosis, sinkhorn_scales
+
+_FP16_MAX = torch.finfo(torch.float16).max
+GroupValues = Tensor | aux8.Aux8
+
+
+def _values(x: GroupValues) -> Tensor:
+    return x.values() if isinstance(x, aux8.Aux8) else x.float()
+
+
+@dataclass
+class QuantizedWeight:
+    """Packed codes plus the scales needed to rebuild ``W ~ (Q - zero) * scale * scale2``.
+
+    Layouts follow the reference: ``scale``/``zero`` are ``[N*K/g, 1]`` (1D) or
+    ``[tiles, g, 1]`` (2D, tile-major); ``scale2`` is ``[1, K]`` (1D) or ``[tiles, 1, g]`` (2D).
+    """
+
+    qweight: Tensor
+    scale: GroupValues
+    zero: GroupValues
+    scale2: Tensor
+    shape: tuple[int, int]
+    config: QuantConfig
+    sinkhorn_applied: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The reconstructed weight ``[out_features, in_features]``."""
+        n, k = self.shape
+        g = self.config.group_size
+        cols = k // g
+        codes = packing.unpack(self.qweight, self.config.bits, n * cols)
+        scale, zero = _values(self.scale), _values(self.zero)
+        if self.config.tiling == "2D":
+            scale, zero = (_tile_major_to_rows(t, n, cols, g) for t in (scale, zero))
+        levels = codebook(self.config.codebook_name, codes.device) if self.config.codebook_name else None
+        w = decode(codes, scale.reshape(-1, 1), zero.reshape(-1, 1), levels).reshape(n, k)
+        s2 = self.scale2.float()
+        if self.config.tiling == "2D":
+            w = (w.reshape(n // g, g, k) * s2.reshape(n // g, 1, k)).reshape(n, k)
+        else:
+            w = w * s2.reshape(1, k)
+        return w.to(dtype)
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        def move(x: GroupValues) -> GroupValues:
+            if isinstance(x, aux8.Aux8):
+                return aux8.Aux8(x.codes.to(device), x.step.to(device), x.offset.to(device), x.shape)
+            return x.to(device)
+
+        return QuantizedWeight(
+            self.qweight.to(device), move(self.scale), move(self.zero), self.scale2.to(device),
+            self.shape, self.config, self.sinkhorn_applied,
+        )
+
+    def _tensors(self) -> dict[str, Tensor]:
+        out = {"W_q": self.qweight, "meta.scale2": self.scale2}
+        for name, value in (("scale", self.scale), ("zero", self.zero)):
+            if isinstance(value, aux8.Aux8):
+                out.update({f"meta.{name}.{k}": t for k, t in value.tensors().items()})
+            else:
+                out[f"meta.{name}"] = value
+        return out
+
+    def to_state_dict(self, prefix: str) -> dict[str, Tensor]:
+        """Tensors under the reference's key names, e.g. ``<prefix>.W_q``, ``<prefix>.meta.scale.x``."""
+        return {f"{prefix}.{k}": t.contiguous() for k, t in self._tensors().items()}
+
+    def metadata(self) -> dict:
+        """The non-tensor fields the reference keeps in its sidecar file under ``{"meta": ...}``."""
+        meta = {
+            "nbits": self.config.bits,
+            "group_size": self.config.group_size,
+            "shape": list(self.shape),
+            "axis": 1,
+            "packing": packing.PACKINGS[self.config.bits].name,
+            "method": self.config.reference_method,
+            "tiling_mode": self.config.tiling,
+            "compute_dtype": "torch.float16",
+            "unpack_view_dtype": str(packing.PACKINGS[self.config.bits].dtype),
+            "view_as_float": False,
+            "awq_scale": None,
+        }
+        for name, value in (("scale", self.scale), ("zero", self.zero)):
+            if isinstance(value, aux8.Aux8):
+                meta[f"{name}.shape"] = list(value.shape)
+        return meta
+
+    @classmethod
+    def from_state_dict(cls, tensors: Mapping[str, Tensor], meta: Mapping, prefix: str) -> "QuantizedWeight":
+        """Rebuild from :meth:`to_state_dict` tensors and :meth:`metadata` (ours or the reference's)."""
+        try:
+            config = _config_from_meta(meta)
+            shape = tuple(int(d) for d in meta["shape"])
+
+            def group_values(name: str) -> GroupValues:
+                if config.aux == "int8":
+                    parts = [tensors[f"{prefix}.meta.{name}.{k}"] for k in ("x", "s", "m")]
+                    return aux8.Aux8(*parts, tuple(int(d) for d in meta[f"{name}.shape"]))
+                return tensors[f"{prefix}.meta.{name}"]
+
+            q = cls(
+                tensors[f"{prefix}.W_q"], group_values("scale"), group_values("zero"),
+                tensors[f"{prefix}.meta.scale2"], shape, config,
+            )
+        except KeyError as exc:
+            raise ValueError(f"{prefix}: missing quantized field {exc.args[0]!r}") from None
+        _check_layout(q, prefix)
+        return q
+
+
+def _config_from_meta(meta: Mapping) -> QuantConfig:
+    method = str(meta["method"]).lower()
+    name = "nf4" if "nf4" in method else "nf3" if "nf3" in method else "sinq" if "sinq" in method else "rtn"
+    tiling = meta.get("tiling_mode")
+    if tiling is None:
+        shape_key = meta.get("scale.shape")
+        tiling = "2D" if shape_key is not None and len(shape_key) == 3 else "1D"
+    return QuantConfig(
+        bits=int(meta["nbits"]), group_size=int(meta["group_size"]), tiling=tiling, method=name,
+        aux="int8" if "quantaux" in method else "fp16",
+    )
+
+
+def _check_layout(q: QuantizedWeight, prefix: str) -> None:
+    n, k = q.shape
+    g = q.config.group_size
+    if n <= 0 or k % g or (q.config.tiling == "2D" and n % g):
+        raise ValueError(f"{prefix}: shape {list(q.shape)} does not fit group size {g} ({q.config.tiling})")
+    groups = n * k // g
+    want_rows = packing.packed_rows(groups, q.config.bits)
+    if tuple(q.qweight.shape) != (want_rows, g):
+        raise ValueError(f"{prefix}: W_q has shape {list(q.qweight.shape)}, expected {[want_rows, g]}")
+    for name in ("scale", "zero"):
+        numel = _values(getattr(q, name)).numel()
+        if numel != groups:
+            raise ValueError(f"{prefix}: meta.{name} holds {numel} values, expected {groups}")
+    want_s2 = k if q.config.tiling == "1D" else n * k // g
+    if q.scale2.numel() != want_s2:
+        raise ValueError(f"{prefix}: meta.scale2 holds {q.scale2.numel()} values, expected {want_s2}")
+
+
+def _tile_major_to_rows(t: Tensor, n: int, cols: int, g: int) -> Tensor:
+    """2D group values ``[tiles, g, 1]`` (tile-major) to row-major ``[n * cols]``."""
+    return t.reshape(n // g, cols, g).permute(0, 2, 1).reshape(-1)
+
+
+def _prepare(weight: Tensor, config: QuantConfig) -> Tensor:
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    n, k = weight.shape
+    g = config.group_size
+    if n == 0 or k == 0:
+        raise ValueError(f"weight is empty: shape {list(weight.shape)}")
+    if k % g:
+        raise ValueError(f"group_size={g} does not divide in_features={k}")
+    if config.tiling == "2D" and n % g:
+        raise ValueError(f"2D tiling needs group_size={g} to divide out_features={n} too")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or Inf")
+    if weight.dtype != torch.float16 and bool((weight.abs() > _FP16_MAX).any()):
+        raise ValueError(f"weight has values beyond the fp16 range (|w| > {_FP16_MAX:g})")
+    return weight.to(torch.float16).to(torch.float32)
+
+
+def quantize(
+    weight: Tensor,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    tiling: str = "1D",
+    method: str = "sinq",
+    aux: str = "int8",
+) -> QuantizedWeight:
+    """Quantize a 2-D ``[out_features, in_features]`` weight on the device it lives on.
+
+    The weight is rounded to fp16 first (as the reference does) and processed in fp32.
+    """
+    config = QuantConfig(bits=bits, group_size=group_size, tiling=tiling, method=method, aux=aux)
+    w = _prepare(weight, config)
+    n, k = w.shape
+    g = config.group_size
+    tiles = w.view(1, n, k // g, g) if tiling == "1D" else w.view(n // g, g, k // g, g)
+    a, rows, b, cols = tiles.shape
+
+    use_sinkhorn = config.uses_sinkhorn and rows > 1 and kurtosis(w) <= KURTOSIS_GATE
+    if use_sinkhorn:
+        row_scale, col_scale = sinkhorn_scales(tiles, SINKHORN_ITERS)
+        normalised = tiles / col_scale.unsqueeze(1) / row_scale.unsqueeze(-1)
+    else:
+        row_scale = torch.ones(a, rows, b, device=w.device)
+        col_scale = torch.ones(a, b, cols, device=w.device)
+        normalised = tiles
+
+    if config.codebook_name:
+        codes, step, zero = round_codebook(normalised, codebook(config.codebook_name, w.device))
+    else:
+        codes, step, zero = round_uniform(normalised, config.max_code)
+    del normalised
+
+    group_scale = step.squeeze(-1) * row_scale  # [a, rows, b]
+    zero = zero.squeeze(-1)
+    if tiling == "1D":
+        scale_l, zero_l = group_scale.reshape(-1, 1), zero.reshape(-1, 1)
+        scale2 = col_scale.reshape(1, k)
+    else:
+        scale_l = group_scale.permute(0, 2, 1).reshape(-1, g, 1)
+        zero_l = zero.permute(0, 2, 1).reshape(-1, g, 1)
+        scale2 = col_scale.reshape(-1, 1, g)
+
+    if config.aux == "int8":
+        scale_v: GroupValues = aux8.encode(scale_l, aux8.scale_tile(scale_l.numel()))
+        zero_v: GroupValues = aux8.encode(zero_l, zero_l.numel())
+    else:
+        scale_v, zero_v = scale_l.to(torch.float16), zero_l.to(torch.float16)
+
+    qweight = packing.pack(codes.reshape(-1, g), config.bits)
+    return QuantizedWeight(
+        qweight, scale_v, zero_v, scale2.to(torch.float16), (n, k), config, use_sinkhorn,
+    )
+
+
+def relative_error(weight: Tensor, quantized: QuantizedWeight) -> float:
+    """``||W - deq(W)|| / ||W||`` in float32 on the weight's device."""
+    w = weight.float()
+    diff = w - quantized.dequantize(torch.float32).to(w.device)
+    norm = torch.linalg.vector_norm(w)
+    return float(torch.linalg.vector_norm(diff) / norm) if norm > 0 else float(torch.linalg.vector_norm(diff))

@@ -1,0 +1,3 @@
+import os
+
+os.environ.setdefault("SINQ_AUTO_PATCH", "0")

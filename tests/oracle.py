@@ -1,0 +1,38 @@
+"""The reference package (PyPI sinq==0.2.0) used as a numerical oracle.
+
+Only ``sinq.quantizer`` is needed. Its import chain reaches ``sinq.awq``, which imports
+``datasets`` at module level for calibration data that quantization never uses; when
+``datasets`` is not installed an empty module stands in for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+
+import torch
+
+os.environ.setdefault("SINQ_AUTO_PATCH", "0")
+if importlib.util.find_spec("datasets") is None:
+    stub = types.ModuleType("datasets")
+    stub.load_dataset = None
+    sys.modules["datasets"] = stub
+
+from sinq.quantizer import Quantizer  # noqa: E402
+
+from sinq_ops import QuantConfig  # noqa: E402
+
+
+def reference_quantize(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, dict]:
+    """Quantize with the reference on CPU, from the same fp16-rounded weight that ours sees."""
+    w = weight.to(torch.float16).float().cpu()
+    return Quantizer.quantize(
+        w, None, nbits=config.bits, group_size=config.group_size, axis=1, device="cpu",
+        tiling_mode=config.tiling, method=config.reference_method, compute_dtype=torch.float32,
+    )
+
+
+def reference_dequantize(packed: torch.Tensor, meta: dict) -> torch.Tensor:
+    return Quantizer.dequantize(packed, meta).float()
