@@ -107,7 +107,7 @@ class QuantizedWeight:
     def from_state_dict(cls, tensors: Mapping[str, Tensor], meta: Mapping, prefix: str) -> "QuantizedWeight":
         """Rebuild from :meth:`to_state_dict` tensors and :meth:`metadata` (ours or the reference's)."""
         try:
-            config = _config_from_meta(meta)
+            config = _config_from_meta(meta, tensors, prefix)
             shape = tuple(int(d) for d in meta["shape"])
 
             def group_values(name: str) -> GroupValues:
@@ -126,13 +126,14 @@ class QuantizedWeight:
         return q
 
 
-def _config_from_meta(meta: Mapping) -> QuantConfig:
+def _config_from_meta(meta: Mapping, tensors: Mapping[str, Tensor], prefix: str) -> QuantConfig:
     method = str(meta["method"]).lower()
     name = "nf4" if "nf4" in method else "nf3" if "nf3" in method else "sinq" if "sinq" in method else "rtn"
     tiling = meta.get("tiling_mode")
     if tiling is None:
-        shape_key = meta.get("scale.shape")
-        tiling = "2D" if shape_key is not None and len(shape_key) == 3 else "1D"
+        # The reference does not record the tiling; its 2D layout keeps 3-D group scales.
+        scale_shape = meta.get("scale.shape") or tensors[f"{prefix}.meta.scale"].shape
+        tiling = "2D" if len(scale_shape) == 3 else "1D"
     return QuantConfig(
         bits=int(meta["nbits"]), group_size=int(meta["group_size"]), tiling=tiling, method=name,
         aux="int8" if "quantaux" in method else "fp16",

@@ -15,6 +15,10 @@ from torch import Tensor
 _STD_MIN, _STD_MAX = 1e-3, 1e3
 _STEP_MIN, _STEP_MAX = 0.7, 2.0
 _LOG_MIN, _LOG_MAX = -0.3, 10.0
+# Imbalances this close count as equal. The reference continues on an exact tie; without a
+# margin, float noise in the statistics decides ties and can stop a tile early at a far worse
+# scaling than the reference reaches.
+_TIE_RTOL = 1e-4
 
 
 def kurtosis(w: Tensor) -> float:
@@ -43,8 +47,8 @@ def sinkhorn_scales(tiles: Tensor, iters: int) -> tuple[Tensor, Tensor]:
     """Row scales ``[a, R, b]`` and column scales ``[a, b, C]`` for every tile of ``tiles``.
 
     Each tile runs ``iters`` log-domain updates toward equal row and column standard
-    deviations and keeps the scaling with the smallest imbalance seen; a tile stops
-    updating at the first step that does not improve it. Unlike the reference, the scaling
+    deviations and keeps the scaling with the smallest imbalance seen (the latest one among
+    ties); a tile stops updating at the first step that makes it worse. Unlike the reference, the scaling
     produced by the last update is evaluated too, so no update is wasted.
     """
     a, rows, b, cols = tiles.shape
@@ -75,8 +79,8 @@ def sinkhorn_scales(tiles: Tensor, iters: int) -> tuple[Tensor, Tensor]:
         if step:
             row_std, col_std = stds(log_r, log_c)
             imb = _imbalance(row_std, col_std)
-            better = active & (imb <= best_imb)
-            best_imb = torch.where(better, imb, best_imb)
+            better = active & (imb <= best_imb * (1 + _TIE_RTOL))
+            best_imb = torch.where(better, torch.minimum(imb, best_imb), best_imb)
             best_r = torch.where(better.unsqueeze(-1), log_r, best_r)
             best_c = torch.where(better.unsqueeze(-1), log_c, best_c)
             active = better

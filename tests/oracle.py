@@ -26,12 +26,21 @@ from sinq_ops import QuantConfig  # noqa: E402
 
 
 def reference_quantize(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, dict]:
-    """Quantize with the reference on CPU, from the same fp16-rounded weight that ours sees."""
+    """Quantize with the reference on CPU, from the same fp16-rounded weight that ours sees.
+
+    On CPU the reference keeps every scale in float32; the checkpoints it writes (computed on
+    GPU) hold the column scale, and the group scales and zeros of the non-8-bit format, in
+    fp16. Those are rounded here the same way, so the oracle describes what its files contain.
+    """
     w = weight.to(torch.float16).float().cpu()
-    return Quantizer.quantize(
+    packed, meta = Quantizer.quantize(
         w, None, nbits=config.bits, group_size=config.group_size, axis=1, device="cpu",
         tiling_mode=config.tiling, method=config.reference_method, compute_dtype=torch.float32,
     )
+    meta["scale2"] = meta["scale2"].half()
+    if config.aux == "fp16":
+        meta["scale"], meta["zero"] = meta["scale"].half(), meta["zero"].half()
+    return packed, meta
 
 
 def reference_dequantize(packed: torch.Tensor, meta: dict) -> torch.Tensor:
