@@ -1,6 +1,6 @@
 """SINQ weight quantization as pure tensor code (no Ray, storage or transformers here)."""
 
 from .config import QuantConfig
-from .quantize import QuantizedWeight, quantize, relative_error
+from .quantize import QuantizedWeight, quantize, quantized_layout, relative_error
 
-__all__ = ["QuantConfig", "QuantizedWeight", "quantize", "relative_error"]
+__all__ = ["QuantConfig", "QuantizedWeight", "quantize", "quantized_layout", "relative_error"]

@@ -25,16 +25,16 @@ from sinq.quantizer import Quantizer  # noqa: E402
 from sinq_ops import QuantConfig  # noqa: E402
 
 
-def reference_quantize(weight: torch.Tensor, config: QuantConfig) -> tuple[torch.Tensor, dict]:
+def reference_quantize(weight: torch.Tensor, config: QuantConfig, device: str = "cpu") -> tuple[torch.Tensor, dict]:
     """Quantize with the reference on CPU, from the same fp16-rounded weight that ours sees.
 
     On CPU the reference keeps every scale in float32; the checkpoints it writes (computed on
     GPU) hold the column scale, and the group scales and zeros of the non-8-bit format, in
     fp16. Those are rounded here the same way, so the oracle describes what its files contain.
     """
-    w = weight.to(torch.float16).float().cpu()
+    w = weight.to(torch.float16).float().to(device)
     packed, meta = Quantizer.quantize(
-        w, None, nbits=config.bits, group_size=config.group_size, axis=1, device="cpu",
+        w, None, nbits=config.bits, group_size=config.group_size, axis=1, device=device,
         tiling_mode=config.tiling, method=config.reference_method, compute_dtype=torch.float32,
     )
     meta["scale2"] = meta["scale2"].half()

@@ -13,7 +13,7 @@ from matrices import llm_like
 from oracle import Quantizer
 from sinq.bitpack import BitPack
 
-from sinq_ops import QuantConfig, QuantizedWeight, quantize
+from sinq_ops import QuantConfig, QuantizedWeight, quantize, quantized_layout
 from sinq_ops import packing
 
 CONFIGS = [
@@ -51,6 +51,8 @@ def test_state_dict_round_trips_bit_exactly_through_safetensors(cfg: QuantConfig
     assert all(_tensor_equal(sd[k], again[k]) for k in sd)
     assert torch.equal(back.dequantize(), q.dequantize())
     assert q.nbytes == sum(t.numel() * t.element_size() for t in sd.values())
+    layout = quantized_layout(q.shape, cfg)
+    assert {f"{prefix}.{k}": v for k, v in layout.items()} == {k: (t.dtype, tuple(t.shape)) for k, t in sd.items()}
 
 
 def _write_reference_layout(out: Path, leaves: dict[str, QuantizedWeight]) -> None:

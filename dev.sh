@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: builds .venv (CPU torch first, then the project and
+# its test extras, then the reference package as a test oracle) and runs what is asked.
+#   bash dev.sh demo [ARGS]   quantize the default model and print the summary
+#   bash dev.sh test [ARGS]   run the whole test suite
+#   bash dev.sh setup         only build the environment
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${VENV:-.venv}"
+PY="$VENV/bin/python"
+export SINQ_AUTO_PATCH=0 PYTHONUNBUFFERED=1
+
+setup() {
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  local stamp="$VENV/.installed" want
+  want=$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    {
+      "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+      "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
+      "$PY" -m pip install -q --disable-pip-version-check --no-deps sinq==0.2.0
+    } 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+    echo "$want" > "$stamp"
+  fi
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; exec "$PY" -m jobs.quantize "$@" ;;
+  test) setup; exec "$PY" -m pytest -q "$@" ;;
+  *) echo "usage: bash dev.sh demo|test|setup [ARGS]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,96 @@
+"""Quantize a checkpoint with SINQ on Ray.
+
+    python -m jobs.quantize --model SRC --out DST [--bits 4] [--group-size 64] [--tiling 1D]
+        [--method sinq] [--workers N] [--gpus-per-worker F] [--max-shard-size 4GB] [--dry-run]
+
+SRC is a local Hugging Face checkpoint directory, an fsspec URL such as s3://bucket/prefix,
+or a Hub repo id org/name[@revision]. DST is a local directory or s3://bucket/prefix.
+Without --model, a small generated Llama-style checkpoint is quantized as a demonstration.
+Exit code 0 on success; otherwise one line on stderr says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from pipeline.fixtures import write_llama_checkpoint
+from pipeline.run import JobError, JobOptions, run_job
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+DEMO_DIR = Path(os.environ.get("SINQ_CACHE", ".cache")) / "demo" / "llama-tiny"
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4GB, 500MB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.quantize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="source checkpoint: directory, URL or Hub repo id (default: a generated demo model)")
+    p.add_argument("--out", help="destination directory or s3:// prefix (default: out/<model>-sinq-<bits>b)")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--tiling", default="1D", choices=["1D", "2D"])
+    p.add_argument("--method", default="sinq", choices=["sinq", "rtn", "nf4", "nf3"])
+    p.add_argument("--aux", default="int8", choices=["int8", "fp16"], help="storage of group scales and zeros")
+    p.add_argument("--workers", type=int, help="number of quantize actors (default: one per GPU share, else per CPU)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor, e.g. 0.5 packs two per card")
+    p.add_argument("--cpus-per-worker", type=int, default=1)
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("4GB"))
+    p.add_argument("--include", action="append", default=[], metavar="REGEX", help="quantize only matching tensors")
+    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave matching tensors unquantized")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete output of another model or config")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--profile", help="AWS profile name for S3 credentials")
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
+    return p
+
+
+def summary(manifest: dict, out: str) -> str:
+    t = manifest["totals"]
+    wall = manifest["timings"]["wall_s"]
+    return "\n".join([
+        f"output       {out}",
+        f"size         {t['source_bytes'] / 1e9:.3f} GB -> {t['output_bytes'] / 1e9:.3f} GB "
+        f"({t['source_bytes'] / max(t['output_bytes'], 1):.2f}x smaller)",
+        f"tensors      {t['tensors_quantized']} quantized, {t['tensors_copied']} copied, in {t['shards']} shards",
+        f"error        mean {t['mean_rel_error']:.5f}, worst {t['max_rel_error']:.5f} ({t['worst_tensor']})",
+        f"time         {wall:.1f} s wall, {t['source_bytes'] / 1e9 / max(wall, 1e-9):.3f} GB/s",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = args.model
+    if model is None:
+        if not (DEMO_DIR / "config.json").exists():
+            write_llama_checkpoint(DEMO_DIR, layers=4, hidden=512, intermediate=1024, vocab=1024, shards=2)
+        model = str(DEMO_DIR)
+    out = args.out or os.path.join("out", f"{Path(model.rstrip('/')).name.replace('@', '-')}-sinq-{args.bits}b-g{args.group_size}")
+    opts = JobOptions(
+        model=model, out=out, bits=args.bits, group_size=args.group_size, tiling=args.tiling, method=args.method,
+        aux=args.aux, workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        max_shard_size=args.max_shard_size, include=args.include, exclude=args.exclude, dry_run=args.dry_run,
+        overwrite=args.overwrite, endpoint_url=args.endpoint_url, profile=args.profile, ray_address=args.ray_address,
+    )
+    try:
+        manifest = run_job(opts)
+    except (JobError, ValueError, OSError) as exc:
+        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
+        return 1
+    if not args.dry_run:
+        print(summary(manifest, opts.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Distributed SINQ quantization: plan -> read -> quantize -> reduce -> commit."""

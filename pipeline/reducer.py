@@ -1,0 +1,149 @@
+"""Assemble staged units into the final checkpoint, in an order fixed by the plan alone.
+
+Units arrive in any order; a shard is written as soon as every unit it holds is staged,
+streaming the staged bytes through (one contiguous run per unit and item size), so the
+reducer never holds more than one unit's run. Index, sidecar, config and assets follow the
+shards, and the manifest comes last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Iterator
+
+from .manifest import FORMAT, MANIFEST_NAME, FileRecord
+from .plan import Plan
+from .safetensors_io import aligned_order, write_stream
+from .storage import Location
+from .unit_work import UnitResult
+
+INDEX_NAME = "model.safetensors.index.json"
+SIDECAR_NAME = INDEX_NAME + ".meta.json"
+TOOL_NAME = "sinq-cluster"
+TOOL_VERSION = "0.1.0"
+
+
+class Assembler:
+    def __init__(self, plan: Plan, dest: Location, staging: Location) -> None:
+        self.plan = plan
+        self.dest = dest
+        self.staging = staging
+        self.results: dict[int, UnitResult] = {}
+        self.files: list[FileRecord] = []
+        self.next_shard = 0
+        self.owner = {o.name: u.index for u in plan.units for o in u.outputs}
+        self.assembly_s = 0.0
+
+    def add(self, result: UnitResult) -> list[str]:
+        """Take a finished unit; returns the shards this completed and wrote."""
+        self.results[result.index] = result
+        written = []
+        while self.next_shard < len(self.plan.shards) and all(
+            i in self.results for i in self.plan.shards[self.next_shard]
+        ):
+            written.append(self._write_shard(self.next_shard))
+            self.next_shard += 1
+        return written
+
+    def _runs(self, tensors) -> Iterator[bytes]:
+        """Bytes of ``tensors`` in order, one range read per contiguous run in a staged file."""
+        run_unit, run_start, run_len = None, 0, 0
+        for t in tensors:
+            unit = self.owner[t.name]
+            start, nbytes = self.results[unit].offsets[t.name]
+            if unit == run_unit and start == run_start + run_len:
+                run_len += nbytes
+                continue
+            if run_unit is not None and run_len:
+                yield self.staging.read_range(self.results[run_unit].staged, run_start, run_len)
+            run_unit, run_start, run_len = unit, start, nbytes
+        if run_unit is not None and run_len:
+            yield self.staging.read_range(self.results[run_unit].staged, run_start, run_len)
+
+    def _write_shard(self, i: int) -> str:
+        t0 = time.perf_counter()
+        name = self.plan.shard_names[i]
+        tensors = aligned_order([o for u in self.plan.shards[i] for o in self.plan.units[u].outputs])
+        digest = hashlib.sha256()
+        with self.dest.open_write(name) as f:
+            size = write_stream(f, tensors, self._runs(tensors), digest.update)
+        self.files.append(FileRecord(name, size, digest.hexdigest()))
+        self.assembly_s += time.perf_counter() - t0
+        return name
+
+    def _put_json(self, name: str, obj: object) -> None:
+        data = (json.dumps(obj, indent=2) + "\n").encode()
+        self.dest.write_bytes(name, data)
+        self.files.append(FileRecord.of(name, data))
+
+    def finish(self, run_info: dict) -> dict:
+        """Write everything after the shards; the manifest last. Returns the manifest."""
+        plan = self.plan
+        missing = [u.name for u in plan.units if u.index not in self.results]
+        if missing or self.next_shard != len(plan.shards):
+            raise RuntimeError(f"cannot finish: {len(missing)} units not done (first: {missing[:1]})")
+        names = plan.shard_names
+        weight_map = {o.name: names[s] for s, units in enumerate(plan.shards) for u in units for o in plan.units[u].outputs}
+        self._put_json(INDEX_NAME, {
+            "metadata": {"total_size": plan.out_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        })
+        sidecar = {leaf: {"meta": meta} for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
+        self._put_json(SIDECAR_NAME, sidecar)
+        self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(plan)})
+        for asset in plan.assets:
+            data = plan.source.read_bytes(asset)
+            self.dest.write_bytes(asset, data)
+            self.files.append(FileRecord.of(asset, data))
+        manifest = self._manifest(run_info)
+        self.dest.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        return manifest
+
+    def _manifest(self, run_info: dict) -> dict:
+        plan = self.plan
+        stats = [s for u in plan.units for s in self.results[u.index].stats]
+        errors = [s.rel_error for s in stats]
+        units = [self.results[u.index] for u in plan.units]
+        return {
+            "format": FORMAT,
+            "tool": {"name": TOOL_NAME, "version": TOOL_VERSION},
+            "source": {"spec": plan.source.spec, **plan.source.identity},
+            "quantization": {**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
+            "files": [vars(f) for f in sorted(self.files, key=lambda f: f.name)],
+            "tensors": [vars(s) for s in stats],
+            "totals": {
+                "source_bytes": plan.in_bytes,
+                "output_bytes": sum(f.bytes for f in self.files),
+                "tensor_bytes": plan.out_bytes,
+                "units": len(plan.units),
+                "shards": len(plan.shards),
+                "tensors_quantized": len(stats),
+                "tensors_copied": sum(len(u.tasks) for u in plan.units) - len(stats),
+                "mean_rel_error": sum(errors) / len(errors),
+                "max_rel_error": max(errors),
+                "worst_tensor": stats[errors.index(max(errors))].name,
+            },
+            "timings": {
+                **run_info,
+                "read_s": sum(u.read_s for u in units),
+                "quantize_s": sum(u.quantize_s for u in units),
+                "stage_write_s": sum(u.write_s for u in units),
+                "assembly_s": self.assembly_s,
+            },
+        }
+
+
+def quantization_config(plan: Plan) -> dict:
+    """The ``quantization_config`` block transformers reads (``SinqConfig`` keys) plus ours."""
+    cfg = plan.config
+    return {
+        "quant_method": "sinq",
+        "nbits": cfg.bits,
+        "group_size": cfg.group_size,
+        "tiling_mode": cfg.tiling,
+        "method": cfg.method,
+        "modules_to_not_convert": plan.not_converted,
+        "aux": cfg.aux,
+    }

@@ -1,0 +1,158 @@
+"""The job: plan on the driver, quantize on a pool of Ray actors, assemble in a reducer actor.
+
+Work in flight is bounded by the pool (one unit per worker at a time), so the driver's
+memory does not grow with the model: it holds the plan and small per-unit records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util import ActorPool
+
+from sinq_ops import QuantConfig
+
+from .manifest import MANIFEST_NAME, IncompleteOutput, load_manifest
+from .plan import Plan, make_plan
+from .reducer import TOOL_VERSION
+from .sources import open_source
+from .storage import Location, StorageOptions
+from .workers import QuantizeWorker, Reducer
+
+STAGING_DIR = ".staging"
+
+
+class JobError(RuntimeError):
+    """The job failed; the message is one line that says why."""
+
+
+@dataclass
+class JobOptions:
+    model: str
+    out: str
+    bits: int = 4
+    group_size: int = 64
+    tiling: str = "1D"
+    method: str = "sinq"
+    aux: str = "int8"
+    workers: int | None = None
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: int = 1
+    max_shard_size: int = 4 * 10**9
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    overwrite: bool = False
+    endpoint_url: str | None = None
+    profile: str | None = None
+    ray_address: str | None = None
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(bits=self.bits, group_size=self.group_size, tiling=self.tiling, method=self.method, aux=self.aux)
+
+    @property
+    def storage(self) -> StorageOptions:
+        return StorageOptions(endpoint_url=self.endpoint_url, profile=self.profile)
+
+
+def run_key(plan: Plan, opts: JobOptions) -> str:
+    """Names the staging area: the same source, config and selection give the same key."""
+    ident = {"source": plan.source.identity, "config": plan.config.to_dict(), "include": opts.include,
+             "exclude": opts.exclude, "max_shard_size": opts.max_shard_size, "tool": TOOL_VERSION}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_destination(dest: Location, plan: Plan, opts: JobOptions) -> None:
+    if not dest.exists(MANIFEST_NAME):
+        return
+    try:
+        old = load_manifest(dest)
+    except IncompleteOutput:
+        old = None
+    same = old is not None and old["source"].get("spec") == plan.source.spec and all(
+        old["quantization"].get(k) == v for k, v in plan.config.to_dict().items()
+    )
+    if not same and not opts.overwrite:
+        raise JobError(f"{dest.url} already holds a complete output of another model or config; pass --overwrite to replace it")
+    dest.remove(MANIFEST_NAME)  # from here on the output is incomplete until the new manifest lands
+
+
+def _ensure_ray(opts: JobOptions) -> None:
+    if not ray.is_initialized():
+        ray.init(address=opts.ray_address, log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+
+
+def _pool(plan: Plan, opts: JobOptions, staging: Location) -> list:
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0.0)
+    if gpus:
+        n = opts.workers or max(1, int(gpus // opts.gpus_per_worker))
+        actor_opts = {"num_gpus": opts.gpus_per_worker, "num_cpus": opts.cpus_per_worker}
+    else:
+        n = opts.workers or max(1, int(resources.get("CPU", 1) // opts.cpus_per_worker))
+        actor_opts = {"num_cpus": opts.cpus_per_worker}
+    n = min(n, len(plan.units))
+    return [
+        QuantizeWorker.options(**actor_opts, scheduling_strategy="SPREAD").remote(
+            plan.source, plan.config, staging, opts.cpus_per_worker
+        )
+        for _ in range(n)
+    ]
+
+
+def _unwrap(exc: Exception) -> str:
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    text = lines[0] if isinstance(cause, ValueError) or not lines else lines[-1]
+    return f"a worker died and its restarts ran out: {text}" if isinstance(cause, RayActorError) else text
+
+
+def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
+    """Run the whole job; returns the manifest (or, on a dry run, the plan as a dict)."""
+    t_start = time.perf_counter()
+    config = opts.quant_config
+    source = open_source(opts.model, opts.storage)
+    plan = make_plan(source, config, include=opts.include, exclude=opts.exclude, max_shard_size=opts.max_shard_size)
+    if opts.dry_run:
+        log(plan.describe())
+        return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes}
+
+    dest = Location(opts.out, opts.storage)
+    _check_destination(dest, plan, opts)
+    staging = dest.child(f"{STAGING_DIR}/{run_key(plan, opts)}")
+    _ensure_ray(opts)
+    workers = _pool(plan, opts, staging)
+    reducer = Reducer.options(num_cpus=0).remote(plan, dest, staging)
+    log(f"quantizing {plan.source.spec} -> {dest.url}: {len(plan.units)} units on {len(workers)} workers")
+
+    pending_adds = []
+    done_bytes = 0
+    try:
+        pool = ActorPool(workers)
+        results = pool.map_unordered(lambda actor, unit: actor.process.remote(unit), plan.units)
+        for n, result in enumerate(results, start=1):
+            pending_adds.append(reducer.add.remote(result))
+            done_bytes += plan.units[result.index].in_bytes
+            elapsed = time.perf_counter() - t_start
+            rate = done_bytes / max(elapsed, 1e-9)
+            eta = (plan.in_bytes - done_bytes) / max(rate, 1e-9)
+            log(f"[{n}/{len(plan.units)}] {result.name} on {result.worker}: {result.quantize_s:.2f}s quantize, "
+                f"{rate / 1e9:.3f} GB/s, eta {eta:.0f}s")
+        ray.get(pending_adds)
+        run_info = {"wall_s": round(time.perf_counter() - t_start, 3), "workers": len(workers)}
+        manifest = ray.get(reducer.finish.remote(run_info))
+    except (RayTaskError, RayActorError) as exc:
+        raise JobError(_unwrap(exc)) from None
+    finally:
+        for actor in [*workers, reducer]:
+            ray.kill(actor)
+    dest.remove(f"{STAGING_DIR}/{staging.url.rsplit('/', 1)[-1]}", recursive=True)
+    dest.remove_empty_dir(STAGING_DIR)
+    return manifest

@@ -1,0 +1,116 @@
+"""One work unit, start to finish: read its tensors, quantize, stage the result.
+
+A finished unit is a safetensors file in the staging area plus a JSON record with its
+checksum and statistics; the record is written last, so a unit with a record is durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sinq_ops import QuantConfig, quantize, relative_error
+
+from .plan import Unit
+from .safetensors_io import aligned_order, header_bytes, tensor_bytes, write_stream
+from .sources import Source
+from .storage import Location
+
+
+class UnitError(ValueError):
+    """A unit failed for a reason in the data: retrying will not help."""
+
+
+@dataclass
+class TensorStats:
+    name: str
+    shape: list[int]
+    bits: int
+    rel_error: float
+    seconds: float
+    sinkhorn: bool
+
+
+@dataclass
+class UnitResult:
+    index: int
+    name: str
+    staged: str  # file name in the staging area
+    sha256: str
+    size: int
+    offsets: dict[str, list[int]]  # output tensor -> [start, nbytes] in the staged file
+    sidecar: dict[str, dict]  # quantized leaf -> reference metadata
+    stats: list[TensorStats]
+    read_s: float
+    quantize_s: float
+    write_s: float
+    worker: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "UnitResult":
+        raw = json.loads(text)
+        raw["stats"] = [TensorStats(**s) for s in raw["stats"]]
+        return cls(**raw)
+
+
+def staged_names(unit: Unit) -> tuple[str, str]:
+    return f"unit-{unit.index:05d}.safetensors", f"unit-{unit.index:05d}.json"
+
+
+def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str) -> UnitResult:
+    """Quantize every tensor of ``unit`` that the plan marks, copy the rest, stage the result."""
+    outputs: dict[str, torch.Tensor] = {}
+    sidecar: dict[str, dict] = {}
+    stats: list[TensorStats] = []
+    read_s = quant_s = 0.0
+    for task in unit.tasks:
+        t0 = time.perf_counter()
+        tensor = source.read_tensor(task.file, task.info)
+        read_s += time.perf_counter() - t0
+        if not task.quantize:
+            outputs[task.name] = tensor
+            continue
+        t0 = time.perf_counter()
+        w = tensor.to(device)
+        try:
+            q = quantize(w, **config.to_dict())
+        except ValueError as exc:
+            raise UnitError(f"{source.spec}/{task.file}: {task.name}: {exc}") from None
+        err = relative_error(w, q)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        quant_s += seconds
+        outputs.update(q.to("cpu").to_state_dict(task.leaf))
+        sidecar[task.leaf] = q.metadata()
+        stats.append(TensorStats(task.name, list(task.info.shape), config.bits, err, seconds, q.sinkhorn_applied))
+        del w, q, tensor
+
+    planned = aligned_order(unit.outputs)
+    for p in planned:
+        got = outputs[p.name]
+        if got.dtype != p.dtype or tuple(got.shape) != p.shape:
+            raise UnitError(f"{unit.name}: {p.name} came out {got.dtype} {list(got.shape)}, planned {p.dtype} {list(p.shape)}")
+    offsets, pos = {}, len(header_bytes(planned))
+    for p in planned:
+        offsets[p.name] = [pos, p.nbytes]
+        pos += p.nbytes
+
+    t0 = time.perf_counter()
+    data_name, record_name = staged_names(unit)
+    digest = hashlib.sha256()
+    with staging.open_write(data_name) as f:
+        size = write_stream(f, planned, (tensor_bytes(outputs[p.name]) for p in planned), digest.update)
+    write_s = time.perf_counter() - t0
+    result = UnitResult(
+        unit.index, unit.name, data_name, digest.hexdigest(), size, offsets, sidecar, stats, read_s, quant_s, write_s,
+    )
+    staging.write_bytes(record_name, result.to_json().encode())
+    return result

@@ -1,0 +1,54 @@
+"""Long-lived Ray actors: quantize workers and the reducer.
+
+A worker process starts once (importing torch costs seconds) and then takes unit after
+unit; Ray restarts a worker that dies and retries the unit it held.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+import torch
+
+from sinq_ops import QuantConfig
+
+from .plan import Plan, Unit
+from .reducer import Assembler
+from .sources import Source
+from .storage import Location
+from .unit_work import UnitResult, process_unit
+
+
+@ray.remote(max_restarts=3, max_task_retries=3)
+class QuantizeWorker:
+    def __init__(self, source: Source, config: QuantConfig, staging: Location, threads: int) -> None:
+        self.source = source
+        self.config = config
+        self.staging = staging
+        torch.set_num_threads(threads)  # a fixed count keeps float reductions, and so output, identical
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.where = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
+
+    def process(self, unit: Unit) -> UnitResult:
+        result = process_unit(self.source, unit, self.config, self.staging, self.device)
+        result.worker = self.where
+        return result
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote(max_restarts=0)
+class Reducer:
+    """Holds the assembler state; units are added in completion order."""
+
+    def __init__(self, plan: Plan, dest: Location, staging: Location) -> None:
+        self.assembler = Assembler(plan, dest, staging)
+
+    def add(self, result: UnitResult) -> list[str]:
+        return self.assembler.add(result)
+
+    def finish(self, run_info: dict) -> dict:
+        return self.assembler.finish(run_info)
