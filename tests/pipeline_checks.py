@@ -1,0 +1,59 @@
+"""Assertions shared by the pipeline tests: what a correct output holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pipeline.manifest import MANIFEST_NAME
+from sinq_ops import QuantConfig, quantize
+
+
+def read_dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            for k in s.keys():
+                assert k not in out, f"{k} appears twice"
+                out[k] = s.get_tensor(k)
+    return out
+
+
+def file_bytes(directory: Path, skip: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
+
+
+def assert_output_matches_source(out: Path, src: Path, config: QuantConfig) -> None:
+    """Quantized tensors equal sinq_ops.quantize of the source, bit for bit; the rest is copied."""
+    source = read_dir_tensors(src)
+    output = read_dir_tensors(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    sidecar = json.loads((out / "model.safetensors.index.json.meta.json").read_text())
+    assert set(index["weight_map"]) == set(output)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in output.values())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run
+    try:
+        expected: dict[str, torch.Tensor] = {}
+        for name, w in source.items():
+            if ".layers." in name and name.endswith("_proj.weight"):
+                q = quantize(w, **config.to_dict())
+                leaf = name[: -len(".weight")]
+                expected.update(q.to_state_dict(leaf))
+                assert sidecar[leaf]["meta"] == json.loads(json.dumps(q.metadata()))
+            else:
+                expected[name] = w
+    finally:
+        torch.set_num_threads(threads)
+    assert set(expected) == set(output)
+    for k, t in expected.items():
+        assert output[k].dtype == t.dtype and torch.equal(output[k], t), k
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert (qc["quant_method"], qc["nbits"], qc["group_size"], qc["tiling_mode"]) == (
+        "sinq", config.bits, config.group_size, config.tiling,
+    )
+    assert "lm_head" in qc["modules_to_not_convert"]
