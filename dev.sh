@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: builds .venv (CPU torch first, then the project and
-# its test extras, then the reference package as a test oracle) and runs what is asked.
+# its test extras) and .venv/oracle (the reference package sinq==0.2.0, used only as a test
+# oracle; kept off the default import path so its start-up hook never runs) and runs what is asked.
 #   bash dev.sh demo [ARGS]   quantize the default model and print the summary
 #   bash dev.sh test [ARGS]   run the whole test suite
+#   bash dev.sh bench NAME [ARGS]  run bench/NAME.py
 #   bash dev.sh setup         only build the environment
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
-export SINQ_AUTO_PATCH=0 PYTHONUNBUFFERED=1
+export SINQ_AUTO_PATCH=0 PYTHONUNBUFFERED=1 SINQ_ORACLE_PATH="$PWD/$VENV/oracle"
 
 setup() {
   [ -x "$PY" ] || python3 -m venv "$VENV"
@@ -18,7 +20,7 @@ setup() {
     {
       "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
       "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
-      "$PY" -m pip install -q --disable-pip-version-check --no-deps sinq==0.2.0
+      "$PY" -m pip install -q --disable-pip-version-check --no-deps --upgrade --target "$VENV/oracle" sinq==0.2.0
     } 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
     echo "$want" > "$stamp"
   fi
@@ -30,5 +32,6 @@ case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$PY" -m jobs.quantize "$@" ;;
   test) setup; exec "$PY" -m pytest -q "$@" ;;
-  *) echo "usage: bash dev.sh demo|test|setup [ARGS]" >&2; exit 2 ;;
+  bench) setup; name="${1:?usage: bash dev.sh bench NAME [ARGS]}"; shift; exec "$PY" "bench/$name.py" "$@" ;;
+  *) echo "usage: bash dev.sh demo|test|bench|setup [ARGS]" >&2; exit 2 ;;
 esac

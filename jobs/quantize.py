@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a complete output of another model or config")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--profile", help="AWS profile name for S3 credentials")
+    p.add_argument("--upload-part-size", type=parse_size, default=parse_size("64MiB"),
+                   help="object-store files larger than this are uploaded in parts (at least 5MiB)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
     return p
 
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         model=model, out=out, bits=args.bits, group_size=args.group_size, tiling=args.tiling, method=args.method,
         aux=args.aux, workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         max_shard_size=args.max_shard_size, include=args.include, exclude=args.exclude, dry_run=args.dry_run,
-        overwrite=args.overwrite, endpoint_url=args.endpoint_url, profile=args.profile, ray_address=args.ray_address,
+        overwrite=args.overwrite, endpoint_url=args.endpoint_url, profile=args.profile,
+        part_size=args.upload_part_size, ray_address=args.ray_address,
     )
     try:
         manifest = run_job(opts)

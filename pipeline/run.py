@@ -51,6 +51,7 @@ class JobOptions:
     overwrite: bool = False
     endpoint_url: str | None = None
     profile: str | None = None
+    part_size: int = 64 * 1024 * 1024
     ray_address: str | None = None
 
     @property
@@ -59,7 +60,7 @@ class JobOptions:
 
     @property
     def storage(self) -> StorageOptions:
-        return StorageOptions(endpoint_url=self.endpoint_url, profile=self.profile)
+        return StorageOptions(endpoint_url=self.endpoint_url, profile=self.profile, part_size=self.part_size)
 
 
 def run_key(plan: Plan, opts: JobOptions) -> str:

@@ -24,6 +24,7 @@ class StorageOptions:
 
     endpoint_url: str | None = None
     profile: str | None = None
+    part_size: int = 64 * 1024 * 1024  # object-store uploads above this go up in parts of this size
 
     def for_protocol(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):
@@ -147,7 +148,7 @@ class Location:
                 if os.path.exists(tmp):
                     os.remove(tmp)
             return
-        f = fs.open(path, "wb", block_size=64 * 1024 * 1024)
+        f = fs.open(path, "wb", block_size=self.options.part_size)
         try:
             yield f
         except BaseException:

@@ -1,5 +1,7 @@
 """The reference package (PyPI sinq==0.2.0) used as a numerical oracle.
 
+Imported from ``$SINQ_ORACLE_PATH`` when set (``dev.sh`` sets it), else from site-packages.
+
 Only ``sinq.quantizer`` is needed. Its import chain reaches ``sinq.awq``, which imports
 ``datasets`` at module level for calibration data that quantization never uses; when
 ``datasets`` is not installed an empty module stands in for it.
@@ -15,6 +17,9 @@ import types
 import torch
 
 os.environ.setdefault("SINQ_AUTO_PATCH", "0")
+# dev.sh installs the reference into its own folder, off the default import path.
+if os.environ.get("SINQ_ORACLE_PATH"):
+    sys.path.insert(0, os.environ["SINQ_ORACLE_PATH"])
 if importlib.util.find_spec("datasets") is None:
     stub = types.ModuleType("datasets")
     stub.load_dataset = None

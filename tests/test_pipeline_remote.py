@@ -104,6 +104,19 @@ def test_s3_paths_give_the_same_bytes_as_local(
         assert FAKE_SECRET not in str(manifest) and FAKE_KEY_ID not in str(manifest)
 
 
+def test_large_shards_go_up_as_multipart_uploads(s3_endpoint, tmp_path: Path) -> None:
+    src = write_llama_checkpoint(tmp_path / "wide", layers=1, hidden=512, intermediate=512, vocab=8192, shards=1, seed=3)
+    part = 5 * 1024 * 1024
+    run_job(JobOptions(model=str(src), out="s3://quantized/multipart", workers=1, part_size=part), log=lambda _: None)
+    local = tmp_path / "local"
+    run_job(JobOptions(model=str(src), out=str(local), workers=1), log=lambda _: None)
+    shard = "model-00001-of-00001.safetensors"
+    assert (local / shard).stat().st_size > 3 * part
+    etag = s3_endpoint.info(f"quantized/multipart/{shard}")["ETag"].strip('"')
+    assert "-" in etag and int(etag.rsplit("-", 1)[1]) >= 3  # S3 marks multipart ETags "<md5>-<parts>"
+    assert s3_endpoint.cat_file(f"quantized/multipart/{shard}") == (local / shard).read_bytes()
+
+
 def test_s3_output_without_manifest_does_not_verify(s3_endpoint, s3_checkpoint: str) -> None:
     dst = "s3://quantized/partial"
     run_job(JobOptions(model=s3_checkpoint, out=dst, workers=1), log=lambda _: None)
