@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -178,9 +179,10 @@ def _prepare(weight: Tensor, config: QuantConfig) -> Tensor:
         raise ValueError(f"group_size={g} does not divide in_features={k}")
     if config.tiling == "2D" and n % g:
         raise ValueError(f"2D tiling needs group_size={g} to divide out_features={n} too")
-    if not bool(torch.isfinite(weight).all()):
+    lo, hi = (float(v) for v in torch.aminmax(weight))  # one pass; NaN and Inf propagate
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("weight contains NaN or Inf")
-    if weight.dtype != torch.float16 and bool((weight.abs() > _FP16_MAX).any()):
+    if max(-lo, hi) > _FP16_MAX:
         raise ValueError(f"weight has values beyond the fp16 range (|w| > {_FP16_MAX:g})")
     return weight.to(torch.float16).to(torch.float32)
 
