@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.fixtures import write_llama_checkpoint  # noqa: E402
 
 ENV = {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled"}
+RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of this interpreter's environment
 
 
 def raw_read_gbps(directory: Path) -> float:
@@ -81,7 +82,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="sinq-bench-"))
     port = 6390
-    subprocess.run(["ray", "start", "--head", f"--num-cpus={args.cpus}", f"--port={port}", "--include-dashboard=false",
+    subprocess.run([RAY, "start", "--head", f"--num-cpus={args.cpus}", f"--port={port}", "--include-dashboard=false",
                     "--disable-usage-stats"], env=ENV, check=True, capture_output=True)
     address = f"127.0.0.1:{port}"
     try:
@@ -106,7 +107,7 @@ def main() -> None:
         s = args.speedup_layers
         print(f"speed-up from 1 to 2 workers ({s} layers): {rows[(s, 1)][1] / rows[(s, 2)][1]:.2f}x (goal: 1.7x where cores allow)")
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True)
+        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
 
 
 if __name__ == "__main__":

@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
+from collections import Counter
 import sys
 from pathlib import Path
 
 from pipeline.fixtures import write_llama_checkpoint
 from pipeline.run import JobError, JobOptions, run_job
+from pipeline.settings import job_settings, load_file, parse_size
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 DEMO_DIR = Path(os.environ.get("SINQ_CACHE", ".cache")) / "demo" / "llama-tiny"
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4GB, 500MB, 2GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,14 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of quantize actors (default: one per GPU share, else per CPU)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor, e.g. 0.5 packs two per card")
     p.add_argument("--cpus-per-worker", type=int, default=1)
-    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("4GB"))
-    p.add_argument("--include", action="append", default=[], metavar="REGEX", help="quantize only matching tensors")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave matching tensors unquantized")
+    p.add_argument("--max-shard-size", type=_size, default=parse_size("4GB"))
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML file with the same keys as these flags; flags win")
+    p.add_argument("--include", action="append", metavar="REGEX", help="quantize only matching tensors (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="REGEX", help="leave matching tensors unquantized (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--overwrite", action="store_true", help="replace a complete output of another model or config")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--profile", help="AWS profile name for S3 credentials")
-    p.add_argument("--upload-part-size", type=parse_size, default=parse_size("64MiB"),
+    p.add_argument("--upload-part-size", dest="part_size", type=_size, default=parse_size("64MiB"),
                    help="object-store files larger than this are uploaded in parts (at least 5MiB)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
     return p
@@ -70,8 +70,26 @@ def summary(manifest: dict, out: str) -> str:
     ])
 
 
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+    """Flags over the --config file over the built-in defaults."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    settings = job_settings(load_file(pre.config), pre.config) if pre.config else {}
+    lists = {k: settings.pop(k) for k in ("include", "exclude") if k in settings}
+    parser.set_defaults(**settings)
+    args = parser.parse_args(argv)
+    for key in ("include", "exclude"):
+        if getattr(args, key) is None:
+            setattr(args, key, list(lists.get(key, [])))
+    return args, settings
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args, _ = parse_args(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model = args.model
     if model is None:
         if not (DEMO_DIR / "config.json").exists():
@@ -83,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         aux=args.aux, workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         max_shard_size=args.max_shard_size, include=args.include, exclude=args.exclude, dry_run=args.dry_run,
         overwrite=args.overwrite, endpoint_url=args.endpoint_url, profile=args.profile,
-        part_size=args.upload_part_size, ray_address=args.ray_address,
+        part_size=args.part_size, ray_address=args.ray_address,
     )
     try:
         manifest = run_job(opts)
@@ -92,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not args.dry_run:
         print(summary(manifest, opts.out))
+        units = Counter(u["worker"] for u in manifest["units"])
+        print(f"workers      {len(units)}: " + ", ".join(f"{w} {n} units" for w, n in sorted(units.items())))
     return 0
 
 

@@ -113,6 +113,8 @@ class Assembler:
             "quantization": {**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
             "files": [vars(f) for f in sorted(self.files, key=lambda f: f.name)],
             "tensors": [vars(s) for s in stats],
+            "units": [{"name": u.name, "worker": u.worker, "seconds": round(u.read_s + u.quantize_s + u.write_s, 3)}
+                      for u in units],
             "totals": {
                 "source_bytes": plan.in_bytes,
                 "output_bytes": sum(f.bytes for f in self.files),

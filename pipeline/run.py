@@ -20,6 +20,7 @@ from sinq_ops import QuantConfig
 
 from .manifest import MANIFEST_NAME, IncompleteOutput, load_manifest
 from .plan import Plan, make_plan
+from .progress import Progress
 from .reducer import TOOL_VERSION
 from .sources import open_source
 from .storage import Location, StorageOptions
@@ -134,19 +135,16 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     log(f"quantizing {plan.source.spec} -> {dest.url}: {len(plan.units)} units on {len(workers)} workers")
 
     pending_adds = []
-    done_bytes = 0
+    progress = Progress(len(plan.units), plan.in_bytes, len(workers), log)
     try:
         pool = ActorPool(workers)
         results = pool.map_unordered(lambda actor, unit: actor.process.remote(unit), plan.units)
-        for n, result in enumerate(results, start=1):
+        for result in results:
             pending_adds.append(reducer.add.remote(result))
-            done_bytes += plan.units[result.index].in_bytes
-            elapsed = time.perf_counter() - t_start
-            rate = done_bytes / max(elapsed, 1e-9)
-            eta = (plan.in_bytes - done_bytes) / max(rate, 1e-9)
-            log(f"[{n}/{len(plan.units)}] {result.name} on {result.worker}: {result.quantize_s:.2f}s quantize, "
-                f"{rate / 1e9:.3f} GB/s, eta {eta:.0f}s")
+            seconds = result.read_s + result.quantize_s + result.write_s
+            progress.unit_done(result.name, plan.units[result.index].in_bytes, result.worker, seconds)
         ray.get(pending_adds)
+        log(f"units per worker: {progress.worker_summary()}")
         run_info = {"wall_s": round(time.perf_counter() - t_start, 3), "workers": len(workers)}
         manifest = ray.get(reducer.finish.remote(run_info))
     except (RayTaskError, RayActorError) as exc:

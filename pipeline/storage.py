@@ -120,6 +120,28 @@ class Location:
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
 
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write ``name`` only if it does not exist yet, atomically; False if it already did.
+
+        Local files use O_EXCL; S3 uses a conditional PUT (If-None-Match: *)."""
+        fs, root = self._fs()
+        path = f"{root}/{name}"
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                with open(path, "xb") as f:
+                    f.write(data)
+            except FileExistsError:
+                return False
+            return True
+        if _protocol(self.url) not in ("s3", "s3a"):
+            raise ValueError(f"{self.url}: exclusive creation needs a local path or s3://")
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
     def remove_empty_dir(self, name: str) -> None:
         """Local directories only: object stores have no empty directories to leave behind."""
         path = self.path(name)

@@ -29,15 +29,13 @@ class QuantizeWorker:
         self.staging = staging
         torch.set_num_threads(threads)  # a fixed count keeps float reductions, and so output, identical
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.where = f"{socket.gethostname()}:{os.getpid()}:{self.device}"
+        node = ray.get_runtime_context().get_node_id()[:8]
+        self.where = f"{socket.gethostname()}/{node}/pid{os.getpid()}/{self.device}"
 
     def process(self, unit: Unit) -> UnitResult:
         result = process_unit(self.source, unit, self.config, self.staging, self.device)
         result.worker = self.where
         return result
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
 
 @ray.remote(max_restarts=0)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import ray
 import s3fs
-from moto.server import ThreadedMotoServer
 
 from pipeline.fixtures import write_llama_checkpoint
 from pipeline.manifest import MANIFEST_NAME, verify
@@ -19,37 +17,14 @@ from pipeline.run import JobOptions, run_job
 from pipeline.sources import SourceError, open_source
 from pipeline.storage import Location
 from pipeline_checks import assert_output_matches_source, file_bytes
+from s3_server import FAKE_KEY_ID, FAKE_SECRET, s3_server
 from sinq_ops import QuantConfig
-
-FAKE_KEY_ID = "AKIAFAKETESTKEY00001"
-FAKE_SECRET = "fake/secret/for/the/local/moto/server/only"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
-                      AWS_DEFAULT_REGION="us-east-1")
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-    for bucket in ("models", "quantized"):
-        fs.mkdir(bucket)
-    yield fs
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with s3_server("models", "quantized") as fs:
+        yield fs
 
 
 @pytest.fixture(scope="module", autouse=True)

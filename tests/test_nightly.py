@@ -1,0 +1,135 @@
+"""The nightly flow against a real local S3 endpoint and a real local Ray: new releases are
+quantized once, a second run does nothing, failures are isolated, concurrent runs never
+duplicate work."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from jobs import nightly as nightly_cli
+from pipeline import locks
+from pipeline.fixtures import write_llama_checkpoint
+from pipeline.manifest import verify
+from pipeline.nightly import CatalogResolver, load_watch_list, run_nightly
+from pipeline.storage import Location
+from s3_server import s3_server
+
+COMMITS = {"acme/alpha": "a" * 40, "acme/beta": "b" * 40}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server("hub-mirror", "nightly") as fs:
+        yield fs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(s3):
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def catalog(s3, tmp_path_factory) -> Path:
+    """Two small models mirrored into the bucket, and a catalogue naming their commits."""
+    root = tmp_path_factory.mktemp("models")
+    entries = {}
+    for i, (repo, commit) in enumerate(COMMITS.items()):
+        src = write_llama_checkpoint(root / repo.split("/")[1], layers=2, hidden=64, intermediate=128, vocab=128,
+                                     shards=1, seed=10 + i)
+        s3.put(str(src) + "/", f"hub-mirror/{repo}/{commit}/", recursive=True)
+        entries[repo] = {"main": {"commit": commit, "source": f"s3://hub-mirror/{repo}/{commit}"}}
+    entries["acme/broken"] = {"main": {"commit": "c" * 40, "source": "s3://hub-mirror/acme/broken/missing"}}
+    path = root / "catalog.yaml"
+    path.write_text(yaml.safe_dump(entries))
+    return path
+
+
+def _watch(tmp_path: Path, destination: str, repos: list[str]) -> Path:
+    path = tmp_path / "watch.yaml"
+    path.write_text(yaml.safe_dump({
+        "destination": destination,
+        "job": {"workers": 1, "max_shard_size": "1MB"},
+        "models": [{"repo": r, "revision": "main", "configs": [{"name": "sinq-4b-g64", "bits": 4}]} for r in repos],
+    }))
+    return path
+
+
+def test_first_run_quantizes_second_run_does_nothing(s3, catalog: Path, tmp_path: Path, capsys) -> None:
+    watch = _watch(tmp_path, "s3://nightly/twice", ["acme/alpha", "acme/beta"])
+    assert nightly_cli.main(["--watch", str(watch), "--catalog", str(catalog), "--quiet-jobs"]) == 0
+    first = capsys.readouterr().out
+    assert "2 new, 2 done, 0 skipped, 0 failed" in first
+    for repo, commit in COMMITS.items():
+        manifest = verify(Location(f"s3://nightly/twice/{repo}/{commit}/sinq-4b-g64"))
+        assert manifest["source"]["spec"] == f"s3://hub-mirror/{repo}/{commit}"
+
+    assert nightly_cli.main(["--watch", str(watch), "--catalog", str(catalog), "--quiet-jobs"]) == 0
+    second = capsys.readouterr().out
+    assert "nothing new" in second and "0 new, 0 done, 2 skipped, 0 failed" in second
+    reports = sorted(k for k in s3.find("nightly/twice/_reports"))
+    assert len(reports) == 2
+    last = json.loads(s3.cat_file(reports[-1]))
+    assert {r["reason"] for r in last["results"]} == {"already complete"}
+
+
+def test_a_failing_model_does_not_stop_the_others(catalog: Path, tmp_path: Path) -> None:
+    watch = _watch(tmp_path, "s3://nightly/isolated", ["acme/broken", "acme/alpha", "acme/missing"])
+    assert nightly_cli.main(["--watch", str(watch), "--catalog", str(catalog), "--quiet-jobs"]) == 1
+    report = run_nightly(load_watch_list(watch), CatalogResolver(catalog), log=lambda _: None, job_log=lambda _: None)
+    status = {r["repo"]: (r["status"], r.get("reason", "")) for r in report["results"]}
+    assert status["acme/alpha"] == ("skipped", "already complete")
+    assert status["acme/broken"][0] == "failed" and "missing" in status["acme/broken"][1]
+    assert status["acme/missing"][0] == "failed" and "no entry for acme/missing@main" in status["acme/missing"][1]
+
+
+def test_concurrent_runs_quantize_each_model_once(catalog: Path, tmp_path: Path) -> None:
+    watch = load_watch_list(_watch(tmp_path, "s3://nightly/concurrent", ["acme/alpha", "acme/beta"]))
+    reports: list[dict] = []
+    start = threading.Barrier(2)
+
+    def run() -> None:
+        start.wait()
+        reports.append(run_nightly(watch, CatalogResolver(catalog), log=lambda _: None, job_log=lambda _: None))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [(r["repo"], r["config"]) for rep in reports for r in rep["results"] if r["status"] == "done"]
+    assert sorted(done) == [("acme/alpha", "sinq-4b-g64"), ("acme/beta", "sinq-4b-g64")]
+    others = [r for rep in reports for r in rep["results"] if r["status"] != "done"]
+    assert all(r["status"] == "skipped" for r in others) and len(others) == 2
+
+
+def test_locks_are_exclusive_and_expire(s3) -> None:
+    where = Location("s3://nightly/locks/x")
+    first = locks.acquire(where, ttl_s=60)
+    assert isinstance(first, locks.Lock)
+    second = locks.acquire(where, ttl_s=60)
+    assert isinstance(second, dict) and second["owner"] == first.owner
+    first.release()
+    short = locks.acquire(where, ttl_s=0.2)
+    time.sleep(0.5)
+    taken = locks.acquire(where, ttl_s=60)
+    assert isinstance(short, locks.Lock) and isinstance(taken, locks.Lock) and taken.owner != short.owner
+    short.release()  # a stale holder cannot release a lock it no longer owns
+    assert locks.read_lock(where)["owner"] == taken.owner
+    taken.release()
+    assert locks.read_lock(where) is None
+
+
+def test_watch_list_errors_name_the_file_and_entry(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"destination": "s3://x", "models": [{"repo": "a/b", "configs": [{"name": "c", "bitz": 4}]}]}))
+    with pytest.raises(ValueError, match=r"bad\.yaml: models\[0\]\.configs\[0\]: unknown setting 'bitz'"):
+        load_watch_list(bad)
