@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -87,8 +88,13 @@ def _check_destination(dest: Location, plan: Plan, opts: JobOptions) -> None:
 
 
 def _ensure_ray(opts: JobOptions) -> None:
-    if not ray.is_initialized():
-        ray.init(address=opts.ray_address, log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+    if ray.is_initialized():
+        return
+    if opts.ray_address or os.environ.get("RAY_ADDRESS"):
+        # A cluster (or `ray job submit`) brings its own runtime environment; adding one would conflict.
+        ray.init(address=opts.ray_address, log_to_driver=True)
+    else:
+        ray.init(log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
 
 
 def _pool(plan: Plan, opts: JobOptions, staging: Location) -> list:

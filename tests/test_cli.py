@@ -1,0 +1,49 @@
+"""jobs.quantize's command line: --config files under flags, and progress lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs import quantize as cli
+from pipeline.fixtures import write_llama_checkpoint
+from pipeline.progress import Progress
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return write_llama_checkpoint(tmp_path_factory.mktemp("src") / "m", layers=2, hidden=64, intermediate=128,
+                                  vocab=128, shards=1)
+
+
+def test_config_file_sets_options_and_flags_win(src: Path, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"model: {src}\nbits: 3\ngroup-size: 32\nmax_shard_size: 1MB\nexclude: ['down_proj']\n")
+    assert cli.main(["--config", str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sinq 3-bit, group 32" in out and "(max 0.00 GB each)" in out and "12 quantized, 9 copied" in out
+    assert cli.main(["--config", str(cfg), "--bits", "2", "--exclude", "nothing", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sinq 2-bit, group 32" in out and "14 quantized, 7 copied" in out
+
+
+def test_toml_config_and_unknown_keys(src: Path, tmp_path: Path, capsys) -> None:
+    good = tmp_path / "job.toml"
+    good.write_text(f'model = "{src}"\nmethod = "nf4"\ntiling = "2D"\n')
+    assert cli.main(["--config", str(good), "--dry-run"]) == 0
+    assert "nf4 4-bit, group 64, 2D tiling" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bitz: 4\n")
+    assert cli.main(["--config", str(bad), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {bad}: unknown setting 'bitz'"
+
+
+def test_progress_lines_are_throttled_but_the_last_is_always_shown() -> None:
+    lines: list[str] = []
+    p = Progress(total_units=50, total_bytes=50 * 10**6, workers=4, log=lines.append, min_interval=3600)
+    for i in range(50):
+        p.unit_done(f"model.layers.{i}", 10**6, f"w{i % 2}", 0.1)
+    assert len(lines) == 2
+    assert lines[0].startswith("[ 1/50") and lines[-1].startswith("[50/50 100.0%]") and "0/4 workers busy" in lines[-1]
+    assert p.worker_summary() == "w0: 25, w1: 25"

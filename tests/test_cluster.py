@@ -1,0 +1,38 @@
+"""The job on a multi-node Ray cluster on this machine: a head without CPUs and two worker
+nodes with their own resources, so every unit must run on a worker node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from pipeline.fixtures import write_llama_checkpoint
+from pipeline.run import JobOptions, run_job
+from pipeline_checks import file_bytes
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [c.add_node(num_cpus=1, resources={f"node_{i}": 1}) for i in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_units_spread_over_both_worker_nodes_and_bytes_match_one_node(cluster, tmp_path: Path) -> None:
+    _, nodes = cluster
+    src = write_llama_checkpoint(tmp_path / "src", layers=4, hidden=128, intermediate=256, vocab=256, shards=2, seed=5)
+    spread = run_job(JobOptions(model=str(src), out=str(tmp_path / "spread"), workers=2, max_shard_size=100_000),
+                     log=lambda _: None)
+    used = {u["worker"].split("/")[1] for u in spread["units"]}
+    assert used == {n.node_id[:8] for n in nodes}
+    single = run_job(JobOptions(model=str(src), out=str(tmp_path / "single"), workers=1, max_shard_size=100_000),
+                     log=lambda _: None)
+    assert len({u["worker"].split("/")[1] for u in single["units"]}) == 1
+    assert file_bytes(tmp_path / "spread") == file_bytes(tmp_path / "single")

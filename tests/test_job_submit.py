@@ -1,0 +1,60 @@
+"""A real `ray job submit` round trip: `ray start --head` on 127.0.0.1, the quantize job
+submitted with --working-dir, waited for until it succeeds, its output checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from pipeline.fixtures import write_llama_checkpoint
+from pipeline.manifest import verify
+from pipeline.storage import Location
+from pipeline_checks import assert_output_matches_source
+from s3_server import free_port
+from sinq_ops import QuantConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+ENV = {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+@pytest.fixture(scope="module")
+def head() -> str:
+    port, dash = free_port(), free_port()
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+                   env=ENV, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([RAY, "job", "list", "--address", address], env=ENV, capture_output=True).returncode:
+            if time.time() > deadline:
+                raise RuntimeError("the Ray dashboard did not come up")
+            time.sleep(2)
+        yield address
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_round_trip(head: str, tmp_path: Path) -> None:
+    src = write_llama_checkpoint(tmp_path / "src", layers=2, hidden=128, intermediate=256, vocab=256, shards=2, seed=7)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", head, "--working-dir", str(ROOT), "--submission-id", "quantize-round-trip",
+         "--runtime-env-json", json.dumps({"env_vars": {"SINQ_AUTO_PATCH": "0"}}),
+         "--", "python", "-m", "jobs.quantize", "--model", str(src), "--out", str(out), "--workers", "2"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "units per worker" in proc.stdout
+    assert JobSubmissionClient(head).get_job_status("quantize-round-trip") == JobStatus.SUCCEEDED
+    verify(Location(str(out)))
+    assert_output_matches_source(out, src, QuantConfig())
