@@ -30,9 +30,9 @@ def test_config_file_sets_options_and_flags_win(src: Path, tmp_path: Path, capsy
 
 def test_toml_config_and_unknown_keys(src: Path, tmp_path: Path, capsys) -> None:
     good = tmp_path / "job.toml"
-    good.write_text(f'model = "{src}"\nmethod = "nf4"\ntiling = "2D"\n')
+    good.write_text(f'model = "{src}"\nmethod = "nf4"\ntiling = "2D"\ngroup_size = 32\n')
     assert cli.main(["--config", str(good), "--dry-run"]) == 0
-    assert "nf4 4-bit, group 64, 2D tiling" in capsys.readouterr().out
+    assert "nf4 4-bit, group 32, 2D tiling" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("bitz: 4\n")
     assert cli.main(["--config", str(bad), "--dry-run"]) == 2
