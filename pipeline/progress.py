@@ -38,12 +38,13 @@ class Progress:
         self.last_line = now
         elapsed = now - self.start
         rate = self.done_bytes / max(elapsed, 1e-9)
-        eta = (self.total_bytes - self.done_bytes) / rate if rate > 0 else 0.0
+        share = self.done_bytes / max(self.total_bytes, 1)
+        # Too early for a rate that means anything (the first units may be tiny norms).
+        eta = _duration((self.total_bytes - self.done_bytes) / rate) if share >= 0.05 and rate > 0 else "?"
         busy = min(self.workers, self.total_units - self.done_units)
         self.log(
-            f"[{self.done_units:>{len(str(self.total_units))}}/{self.total_units} "
-            f"{100 * self.done_bytes / max(self.total_bytes, 1):5.1f}%] {rate / 1e9:.3f} GB/s, "
-            f"eta {_duration(eta)}, {busy}/{self.workers} workers busy | {name} on {worker} ({seconds:.1f}s)"
+            f"[{self.done_units:>{len(str(self.total_units))}}/{self.total_units} {100 * share:5.1f}%] "
+            f"{rate / 1e9:.3f} GB/s, eta {eta}, {busy}/{self.workers} workers busy | {name} on {worker} ({seconds:.1f}s)"
         )
 
     def worker_summary(self) -> str:
