@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from sinq_ops import QuantConfig, quantized_layout
 
-from .safetensors_io import PlannedTensor, TensorInfo
+from .model_buffers import model_buffers
+from .safetensors_io import DTYPE_NAMES, PlannedTensor, TensorInfo, tensor_bytes
 from .sources import Source
 
 # A decoder layer: "model.layers.12.", "model.language_model.layers.3.", "transformer.h.7.", ...
@@ -31,6 +32,7 @@ class TensorTask:
     info: TensorInfo
     quantize: bool
     outputs: tuple[PlannedTensor, ...]
+    data: bytes | None = None  # a tensor computed at plan time rather than read from the source
 
     @property
     def leaf(self) -> str:
@@ -124,6 +126,12 @@ class Plan:
         return "\n".join(lines)
 
 
+def _generated(name: str, tensor) -> TensorTask:
+    data = bytes(tensor_bytes(tensor))
+    info = TensorInfo(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), 0, len(data))
+    return TensorTask(name, "", info, False, (PlannedTensor(name, tensor.dtype, tuple(tensor.shape)),), data)
+
+
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
 
@@ -194,6 +202,9 @@ def make_plan(
         return TensorTask(name, file, info, True, outputs)
 
     ordered = [(name, [task(name, False)]) for name in sorted(others)]
+    buffers = {n: b for n, b in model_buffers(model_config).items() if n not in inventory}
+    if buffers:
+        ordered.append(("(model buffers)", [_generated(n, b) for n, b in sorted(buffers.items())]))
     ordered += [(f"{base}{idx}", [task(n, True) for n in sorted(names)]) for (base, idx), names in sorted(layers.items())]
     units = [Unit(i, name, tuple(tasks)) for i, (name, tasks) in enumerate(ordered)]
     if not any(t.quantize for u in units for t in u.tasks):

@@ -16,7 +16,7 @@ import torch
 from sinq_ops import QuantConfig, quantize, relative_error
 
 from .plan import Unit
-from .safetensors_io import aligned_order, header_bytes, tensor_bytes, write_stream
+from .safetensors_io import aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream
 from .sources import Source
 from .storage import Location
 
@@ -72,7 +72,7 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
     read_s = quant_s = 0.0
     for task in unit.tasks:
         t0 = time.perf_counter()
-        tensor = source.read_tensor(task.file, task.info)
+        tensor = tensor_from_bytes(task.info, task.data) if task.data is not None else source.read_tensor(task.file, task.info)
         read_s += time.perf_counter() - t0
         if not task.quantize:
             outputs[task.name] = tensor

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.manifest import MANIFEST_NAME
+from pipeline.model_buffers import model_buffers
 from sinq_ops import QuantConfig, quantize
 
 
@@ -48,6 +49,8 @@ def assert_output_matches_source(out: Path, src: Path, config: QuantConfig) -> N
                 expected[name] = w
     finally:
         torch.set_num_threads(threads)
+    model_config = json.loads((src / "config.json").read_text())
+    expected.update({k: v for k, v in model_buffers(model_config).items() if k not in source})
     assert set(expected) == set(output)
     for k, t in expected.items():
         assert output[k].dtype == t.dtype and torch.equal(output[k], t), k

@@ -32,7 +32,7 @@ def s3():
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray(s3):
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
     yield
     ray.shutdown()
 

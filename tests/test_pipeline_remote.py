@@ -30,7 +30,7 @@ def s3_endpoint():
 @pytest.fixture(scope="module", autouse=True)
 def local_ray(s3_endpoint):
     # Started after the endpoint and credentials are in the environment, which workers inherit.
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
     yield
     ray.shutdown()
 
