@@ -18,6 +18,7 @@ from collections import Counter
 import sys
 from pathlib import Path
 
+from jobs.evaluate import default_text, evaluate
 from pipeline.demo_model import smollm2_checkpoint
 from pipeline.run import JobError, JobOptions, run_job
 from pipeline.settings import job_settings, load_file, parse_size
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", metavar="REGEX", help="quantize only matching tensors (repeatable)")
     p.add_argument("--exclude", action="append", metavar="REGEX", help="leave matching tensors unquantized (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--eval", action="store_true", help="measure perplexity of source and output afterwards (eval.json)")
+    p.add_argument("--eval-windows", type=int, help="with --eval: only the first N windows of the text")
+    p.add_argument("--eval-text", default=default_text(), help="with --eval: text file (default: WikiText-2 test)")
     p.add_argument("--overwrite", action="store_true", help="replace a complete output of another model or config")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--profile", help="AWS profile name for S3 credentials")
@@ -111,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, ValueError, OSError) as exc:
         print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
         return 1
-    if not args.dry_run:
-        print(summary(manifest, opts.out))
-        units = Counter(u["worker"] for u in manifest["units"])
-        print(f"workers      {len(units)}: " + ", ".join(f"{w} {n} units" for w, n in sorted(units.items())))
+    if args.dry_run:
+        return 0
+    print(summary(manifest, opts.out))
+    units = Counter(u["worker"] for u in manifest["units"])
+    print(f"workers      {len(units)}: " + ", ".join(f"{w} {n} units" for w, n in sorted(units.items())))
+    if args.eval:
+        try:
+            evaluate(model, opts.out, text=args.eval_text, windows=args.eval_windows)
+        except (ValueError, OSError) as exc:
+            print(f"error: evaluation failed: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -51,6 +51,7 @@ def smollm2_checkpoint(cache: Path) -> Path:
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = "float16"
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     model.generation_config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

@@ -42,8 +42,12 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors().values())
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The reconstructed weight ``[out_features, in_features]``."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, apply_scale2: bool = True) -> Tensor:
+        """The reconstructed weight ``[out_features, in_features]``.
+
+        ``apply_scale2=False`` (1D tiling only) leaves the column scale out, for callers that
+        apply it to the activations instead: ``W @ x == deq_without_scale2 @ (scale2 * x)``.
+        """
         n, k = self.shape
         g = self.config.group_size
         cols = k // g
@@ -53,6 +57,10 @@ class QuantizedWeight:
             scale, zero = (_tile_major_to_rows(t, n, cols, g) for t in (scale, zero))
         levels = codebook(self.config.codebook_name, codes.device) if self.config.codebook_name else None
         w = decode(codes, scale.reshape(-1, 1), zero.reshape(-1, 1), levels).reshape(n, k)
+        if not apply_scale2:
+            if self.config.tiling != "1D":
+                raise ValueError("the column scale can only be moved to the activations with 1D tiling")
+            return w.to(dtype)
         s2 = self.scale2.float()
         if self.config.tiling == "2D":
             w = (w.reshape(n // g, g, k) * s2.reshape(n // g, 1, k)).reshape(n, k)
@@ -94,7 +102,7 @@ class QuantizedWeight:
             "packing": packing.PACKINGS[self.config.bits].name,
             "method": self.config.reference_method,
             "tiling_mode": self.config.tiling,
-            "compute_dtype": "torch.float16",
+            "compute_dtype": "torch.float32",
             "unpack_view_dtype": str(packing.PACKINGS[self.config.bits].dtype),
             "view_as_float": False,
             "awq_scale": None,

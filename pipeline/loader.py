@@ -1,0 +1,85 @@
+"""Load a quantized output as a transformers model whose Linear layers stay quantized.
+
+The model is built from config.json on the meta device (no memory for parameters), every
+quantized Linear is swapped for a SINQLinear holding the packed tensors, and the remaining
+tensors are read one at a time, by byte range, from a local directory or object storage.
+No full-precision copy of a quantized weight is ever made.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from sinq_ops import QuantizedWeight, SINQLinear
+
+from .manifest import IncompleteOutput, verify
+from .reducer import INDEX_NAME, SIDECAR_NAME
+from .sources import Source
+from .storage import Location, StorageOptions
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in the {type(model).__name__} built from config.json")
+
+
+def load_quantized(
+    location: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    require_manifest: bool = True, check_hashes: bool = False, storage: StorageOptions | None = None,
+) -> nn.Module:
+    """A ready-to-run ``AutoModelForCausalLM`` from a quantized output.
+
+    Refuses an output whose manifest is missing or does not match its files, unless
+    ``require_manifest=False``. ``dtype`` is the compute dtype of every layer.
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    loc = Location(location, storage or StorageOptions())
+    if require_manifest:
+        verify(loc, hashes=check_hashes)
+    elif not loc.exists(INDEX_NAME):
+        raise IncompleteOutput(f"{location}: no {INDEX_NAME}")
+    source = Source(spec=location, location=loc)
+    cfg = source.read_json("config.json")
+    cfg.pop("quantization_config", None)
+    config = transformers.AutoConfig.for_model(**cfg)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+
+    weight_map: dict[str, str] = source.read_json(INDEX_NAME)["weight_map"]
+    sidecar = json.loads(loc.read_bytes(SIDECAR_NAME)) if loc.exists(SIDECAR_NAME) else {}
+    headers = {f: source.header(f) for f in sorted(set(weight_map.values()))}
+
+    def read(name: str) -> torch.Tensor:
+        file = weight_map[name]
+        return source.read_tensor(file, headers[file][name])
+
+    claimed: set[str] = set()
+    for leaf, entry in sidecar.items():
+        names = [n for n in weight_map if n.startswith(f"{leaf}.") and (n[len(leaf) + 1:] == "W_q" or n[len(leaf) + 1:].startswith("meta."))]
+        q = QuantizedWeight.from_state_dict({n: read(n) for n in names}, entry["meta"], leaf)
+        bias_name = f"{leaf}.bias"
+        bias = read(bias_name) if bias_name in weight_map else None
+        claimed.update(names + ([bias_name] if bias is not None else []))
+        parent, _, child = leaf.rpartition(".")
+        setattr(model.get_submodule(parent), child, SINQLinear(q, bias, compute_dtype=dtype))
+
+    for name in sorted(set(weight_map) - claimed):
+        _set_tensor(model, name, read(name), dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise IncompleteOutput(f"{location}: no tensor for {missing[0]} ({len(missing)} missing)")
+    return model.to(device).eval()
