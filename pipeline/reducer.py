@@ -78,7 +78,7 @@ class Assembler:
         self.dest.write_bytes(name, data)
         self.files.append(FileRecord.of(name, data))
 
-    def finish(self, run_info: dict) -> dict:
+    def finish(self, run_info: dict, run_key: str) -> dict:
         """Write everything after the shards; the manifest last. Returns the manifest."""
         plan = self.plan
         missing = [u.name for u in plan.units if u.index not in self.results]
@@ -97,7 +97,7 @@ class Assembler:
             data = plan.source.read_bytes(asset)
             self.dest.write_bytes(asset, data)
             self.files.append(FileRecord.of(asset, data))
-        manifest = self._manifest(run_info)
+        manifest = {**self._manifest(run_info), "run_key": run_key}
         self.dest.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
         return manifest
 

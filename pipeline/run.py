@@ -19,12 +19,13 @@ from ray.util import ActorPool
 
 from sinq_ops import QuantConfig
 
-from .manifest import MANIFEST_NAME, IncompleteOutput, load_manifest
+from .manifest import MANIFEST_NAME, IncompleteOutput, verify
 from .plan import Plan, make_plan
 from .progress import Progress
 from .reducer import TOOL_VERSION
 from .sources import open_source
 from .storage import Location, StorageOptions
+from .unit_work import UnitResult, staged_names
 from .workers import QuantizeWorker, Reducer
 
 STAGING_DIR = ".staging"
@@ -72,19 +73,51 @@ def run_key(plan: Plan, opts: JobOptions) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_destination(dest: Location, plan: Plan, opts: JobOptions) -> None:
+def _existing_output(dest: Location, key: str, opts: JobOptions) -> dict | None:
+    """The manifest of a complete output of this very job, else None. Refuses to replace a
+    complete output of another model or config unless ``opts.overwrite``."""
     if not dest.exists(MANIFEST_NAME):
-        return
+        return None
     try:
-        old = load_manifest(dest)
+        old = verify(dest, hashes=False)
     except IncompleteOutput:
         old = None
-    same = old is not None and old["source"].get("spec") == plan.source.spec and all(
-        old["quantization"].get(k) == v for k, v in plan.config.to_dict().items()
-    )
-    if not same and not opts.overwrite:
+    if old is not None and old.get("run_key") == key and not opts.overwrite:
+        return old
+    if old is not None and not opts.overwrite:
         raise JobError(f"{dest.url} already holds a complete output of another model or config; pass --overwrite to replace it")
     dest.remove(MANIFEST_NAME)  # from here on the output is incomplete until the new manifest lands
+    return None
+
+
+def _probe(staging: Location) -> None:
+    """Fail at once, not hours later, when the destination cannot be written."""
+    try:
+        staging.write_bytes(".probe", b"")
+        staging.remove(".probe")
+    except OSError as exc:
+        raise JobError(f"cannot write to {staging.url.rsplit('/' + STAGING_DIR, 1)[0]}: {exc.strerror or exc}") from None
+
+
+def _reusable(plan: Plan, staging: Location, log: Callable[[str], None]) -> dict[int, UnitResult]:
+    """Units an earlier run of the same job staged, each checked against its own sha256."""
+    present = set(staging.list())
+    reused: dict[int, UnitResult] = {}
+    for unit in plan.units:
+        data_name, record_name = staged_names(unit)
+        if record_name not in present or data_name not in present:
+            continue
+        try:
+            result = UnitResult.from_json(staging.read_bytes(record_name).decode())
+        except (ValueError, KeyError, TypeError):
+            continue
+        if (result.index, result.name) != (unit.index, unit.name) or staging.size(data_name) != result.size:
+            continue
+        if staging.sha256(data_name) == result.sha256:
+            reused[unit.index] = result
+    if reused:
+        log(f"resuming: {len(reused)} of {len(plan.units)} units were staged by an earlier run and verify")
+    return reused
 
 
 def _ensure_ray(opts: JobOptions) -> None:
@@ -97,7 +130,7 @@ def _ensure_ray(opts: JobOptions) -> None:
         ray.init(log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
 
 
-def _pool(plan: Plan, opts: JobOptions, staging: Location) -> list:
+def _pool(plan: Plan, opts: JobOptions, staging: Location, units: int) -> list:
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
     if gpus:
@@ -106,7 +139,7 @@ def _pool(plan: Plan, opts: JobOptions, staging: Location) -> list:
     else:
         n = opts.workers or max(1, int(resources.get("CPU", 1) // opts.cpus_per_worker))
         actor_opts = {"num_cpus": opts.cpus_per_worker}
-    n = min(n, len(plan.units))
+    n = min(n, units)
     return [
         QuantizeWorker.options(**actor_opts, scheduling_strategy="SPREAD").remote(
             plan.source, plan.config, staging, opts.cpus_per_worker
@@ -133,26 +166,34 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
         return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes}
 
     dest = Location(opts.out, opts.storage)
-    _check_destination(dest, plan, opts)
-    staging = dest.child(f"{STAGING_DIR}/{run_key(plan, opts)}")
+    key = run_key(plan, opts)
+    existing = _existing_output(dest, key, opts)
+    if existing is not None:
+        log(f"{dest.url} already holds this job's complete output; nothing to do")
+        return existing
+    staging = dest.child(f"{STAGING_DIR}/{key}")
+    _probe(staging)
+    reused = _reusable(plan, staging, log)
+    todo = [u for u in plan.units if u.index not in reused]
     _ensure_ray(opts)
-    workers = _pool(plan, opts, staging)
+    workers = _pool(plan, opts, staging, len(todo)) if todo else []
     reducer = Reducer.options(num_cpus=0).remote(plan, dest, staging)
-    log(f"quantizing {plan.source.spec} -> {dest.url}: {len(plan.units)} units on {len(workers)} workers")
+    log(f"quantizing {plan.source.spec} -> {dest.url}: {len(todo)} units on {len(workers)} workers")
 
-    pending_adds = []
-    progress = Progress(len(plan.units), plan.in_bytes, len(workers), log)
+    pending_adds = [reducer.add.remote(r) for r in reused.values()]
+    progress = Progress(len(todo), sum(u.in_bytes for u in todo), len(workers), log)
     try:
         pool = ActorPool(workers)
-        results = pool.map_unordered(lambda actor, unit: actor.process.remote(unit), plan.units)
+        results = pool.map_unordered(lambda actor, unit: actor.process.remote(unit), todo) if todo else []
         for result in results:
             pending_adds.append(reducer.add.remote(result))
             seconds = result.read_s + result.quantize_s + result.write_s
             progress.unit_done(result.name, plan.units[result.index].in_bytes, result.worker, seconds)
         ray.get(pending_adds)
         log(f"units per worker: {progress.worker_summary()}")
-        run_info = {"wall_s": round(time.perf_counter() - t_start, 3), "workers": len(workers)}
-        manifest = ray.get(reducer.finish.remote(run_info))
+        run_info = {"wall_s": round(time.perf_counter() - t_start, 3), "workers": len(workers),
+                    "units_reused": len(reused)}
+        manifest = ray.get(reducer.finish.remote(run_info, key))
     except (RayTaskError, RayActorError) as exc:
         raise JobError(_unwrap(exc)) from None
     finally:

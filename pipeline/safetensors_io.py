@@ -46,6 +46,19 @@ class TensorInfo:
         return torch.empty((), dtype=self.torch_dtype).element_size()
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def read_header(f: BinaryIO, file_size: int, label: str) -> dict[str, TensorInfo]:
     """Parse and check the header of a safetensors file of ``file_size`` bytes."""
     head = f.read(8)
@@ -55,9 +68,11 @@ def read_header(f: BinaryIO, file_size: int, label: str) -> dict[str, TensorInfo
     if length > MAX_HEADER_BYTES or 8 + length > file_size:
         raise SafetensorsError(f"{label}: header length {length} exceeds the file size {file_size}")
     try:
-        raw = json.loads(f.read(length))
+        raw = json.loads(f.read(length), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SafetensorsError(f"{label}: header is not valid JSON ({exc.__class__.__name__})") from None
+    except _DuplicateKey as exc:
+        raise SafetensorsError(f"{label}: tensor {exc.args[0]!r} is named twice in the header") from None
     if not isinstance(raw, dict):
         raise SafetensorsError(f"{label}: header is not a JSON object")
     raw.pop("__metadata__", None)

@@ -53,6 +53,8 @@ class Source:
             data = json.loads(self.read_bytes(name))
         except FileNotFoundError:
             raise SourceError(f"{self.spec}: {name} is missing") from None
+        except (PermissionError, IsADirectoryError) as exc:
+            raise SourceError(f"{self.spec}: {name} cannot be read ({exc.strerror})") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SourceError(f"{self.spec}: {name} is not valid JSON ({exc.__class__.__name__})") from None
         if not isinstance(data, dict):
@@ -61,6 +63,8 @@ class Source:
 
     def header(self, name: str) -> dict[str, TensorInfo]:
         label = f"{self.spec}/{name}"
+        if not self.location.exists(name):
+            raise SourceError(f"{label} is named in the index but missing")
         size = self.location.size(name)
         head = self.location.read_range(name, 0, min(8, size))
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0

@@ -48,5 +48,5 @@ class Reducer:
     def add(self, result: UnitResult) -> list[str]:
         return self.assembler.add(result)
 
-    def finish(self, run_info: dict) -> dict:
-        return self.assembler.finish(run_info)
+    def finish(self, run_info: dict, run_key: str) -> dict:
+        return self.assembler.finish(run_info, run_key)
