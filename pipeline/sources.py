@@ -81,7 +81,11 @@ class Source:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise SourceError(f"{self.spec}: {INDEX_NAME} has no weight_map")
-            return sorted(set(weight_map.values()))
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not self.exists(f):
+                    raise SourceError(f"{self.spec}/{f} is named in {INDEX_NAME} but missing")
+            return files
         if self.exists(SINGLE_NAME):
             return [SINGLE_NAME]
         pickles = [n for n in self.location.list() if n.endswith(PICKLE_SUFFIXES)]
