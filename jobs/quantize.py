@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="AWS profile name for S3 credentials")
     p.add_argument("--upload-part-size", dest="part_size", type=_size, default=parse_size("64MiB"),
                    help="object-store files larger than this are uploaded in parts (at least 5MiB)")
+    p.add_argument("--max-attempts", type=int, default=10,
+                   help="attempts per object-storage request, with backoff, before a fault fails the job")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
     return p
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         aux=args.aux, workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         max_shard_size=args.max_shard_size, include=args.include, exclude=args.exclude, dry_run=args.dry_run,
         overwrite=args.overwrite, endpoint_url=args.endpoint_url, profile=args.profile,
-        part_size=args.part_size, ray_address=args.ray_address,
+        part_size=args.part_size, max_attempts=args.max_attempts, ray_address=args.ray_address,
     )
     try:
         manifest = run_job(opts)

@@ -90,7 +90,9 @@ class Assembler:
             "metadata": {"total_size": plan.out_bytes},
             "weight_map": dict(sorted(weight_map.items())),
         })
-        sidecar = {leaf: {"meta": meta} for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
+        # Sorted keys: a unit staged by an earlier run comes back from JSON, and must write the same bytes.
+        sidecar = {leaf: {"meta": dict(sorted(meta.items()))}
+                   for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
         self._put_json(SIDECAR_NAME, sidecar)
         self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(plan)})
         for asset in plan.assets:

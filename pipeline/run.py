@@ -55,6 +55,7 @@ class JobOptions:
     endpoint_url: str | None = None
     profile: str | None = None
     part_size: int = 64 * 1024 * 1024
+    max_attempts: int = 10
     ray_address: str | None = None
 
     @property
@@ -63,7 +64,8 @@ class JobOptions:
 
     @property
     def storage(self) -> StorageOptions:
-        return StorageOptions(endpoint_url=self.endpoint_url, profile=self.profile, part_size=self.part_size)
+        return StorageOptions(endpoint_url=self.endpoint_url, profile=self.profile, part_size=self.part_size,
+                              max_attempts=self.max_attempts)
 
 
 def run_key(plan: Plan, opts: JobOptions) -> str:

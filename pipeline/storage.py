@@ -25,6 +25,7 @@ class StorageOptions:
     endpoint_url: str | None = None
     profile: str | None = None
     part_size: int = 64 * 1024 * 1024  # object-store uploads above this go up in parts of this size
+    max_attempts: int = 10  # per request, with exponential backoff, for throttling and server errors
 
     def for_protocol(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):
@@ -35,6 +36,7 @@ class StorageOptions:
             opts["endpoint_url"] = endpoint
         if self.profile:
             opts["profile"] = self.profile
+        opts["config_kwargs"] = {"retries": {"max_attempts": self.max_attempts, "mode": "standard"}}
         return opts
 
 
