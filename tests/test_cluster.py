@@ -36,3 +36,27 @@ def test_units_spread_over_both_worker_nodes_and_bytes_match_one_node(cluster, t
                      log=lambda _: None)
     assert len({u["worker"].split("/")[1] for u in single["units"]}) == 1
     assert file_bytes(tmp_path / "spread") == file_bytes(tmp_path / "single")
+
+
+def test_a_worker_node_removed_mid_job_changes_nothing(cluster, tmp_path: Path) -> None:
+    c, nodes = cluster
+    spare = c.add_node(num_cpus=1, resources={"spare": 1})  # room for the actor that loses its node
+    c.wait_for_nodes()
+    src = write_llama_checkpoint(tmp_path / "src", layers=8, hidden=192, intermediate=384, vocab=256, shards=2, seed=6)
+    removed: list[str] = []
+
+    def log(line: str) -> None:
+        if not removed and line.startswith("["):
+            victim = next(n for n in [*nodes, spare] if n.node_id[:8] in line)
+            c.remove_node(victim)  # the node whose worker was just handed its next unit
+            removed.append(victim.node_id[:8])
+
+    out = tmp_path / "out"
+    manifest = run_job(JobOptions(model=str(src), out=str(out), workers=2, max_shard_size=200_000), log=log)
+    assert removed
+    used = {u["worker"].split("/")[1] for u in manifest["units"]}
+    assert len(used) == 3  # the two first homes, then the node the lost worker restarted on
+    clean = run_job(JobOptions(model=str(src), out=str(tmp_path / "clean"), workers=1, max_shard_size=200_000),
+                    log=lambda _: None)
+    assert clean["files"] == manifest["files"]
+    assert file_bytes(out) == file_bytes(tmp_path / "clean")

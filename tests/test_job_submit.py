@@ -17,13 +17,15 @@ from pipeline.fixtures import write_llama_checkpoint
 from pipeline.manifest import verify
 from pipeline.storage import Location
 from pipeline_checks import assert_output_matches_source
-from s3_server import free_port
+from s3_server import FAKE_KEY_ID, FAKE_SECRET, free_port
 from sinq_ops import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-ENV = {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+# The head's environment carries credentials, as a real node's would; they must not leak into the job.
+ENV = {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}",
+       "AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET, "HF_TOKEN": "hf_fakeTokenForTheTestOnly"}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,12 @@ def test_ray_job_submit_round_trip(head: str, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "units per worker" in proc.stdout
-    assert JobSubmissionClient(head).get_job_status("quantize-round-trip") == JobStatus.SUCCEEDED
+    client = JobSubmissionClient(head)
+    assert client.get_job_status("quantize-round-trip") == JobStatus.SUCCEEDED
+    info = client.get_job_info("quantize-round-trip")
+    published = json.dumps([info.entrypoint, info.runtime_env, info.metadata, client.get_job_logs("quantize-round-trip"),
+                            proc.stdout, proc.stderr, (out / "manifest.json").read_text()], default=str)
+    for secret in (FAKE_KEY_ID, FAKE_SECRET, "hf_fakeTokenForTheTestOnly"):
+        assert secret not in published
     verify(Location(str(out)))
     assert_output_matches_source(out, src, QuantConfig())
