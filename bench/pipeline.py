@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,9 +83,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="sinq-bench-"))
     port = 6390
-    subprocess.run([RAY, "start", "--head", f"--num-cpus={args.cpus}", f"--port={port}", "--include-dashboard=false",
-                    "--disable-usage-stats"], env=ENV, check=True, capture_output=True)
+    # --block in its own process group: stopping it ends this cluster alone, not every Ray on the machine.
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--num-cpus={args.cpus}", f"--port={port}",
+                             "--include-dashboard=false", "--disable-usage-stats"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while subprocess.run([RAY, "status", "--address", address], env=ENV, capture_output=True).returncode:
+        if time.time() > deadline:
+            raise SystemExit("the Ray head did not come up")
+        time.sleep(2)
     try:
         rows = {}
         for layers in sorted({4, 32, args.speedup_layers}):
@@ -107,7 +115,8 @@ def main() -> None:
         s = args.speedup_layers
         print(f"speed-up from 1 to 2 workers ({s} layers): {rows[(s, 1)][1] / rows[(s, 2)][1]:.2f}x (goal: 1.7x where cores allow)")
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
 
 
 if __name__ == "__main__":

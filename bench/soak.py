@@ -2,7 +2,7 @@
 nodes while a worker process is killed every N seconds. Reports kills, units redone (task
 attempts beyond the first) and whether the output equals a clean run byte for byte.
 
-    python bench/soak.py [--layers 64] [--kill-every 3] [--hidden 256]
+    python bench/soak.py [--layers 64] [--kill-every 1.5] [--hidden 512]
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def killer(every: float, stop: threading.Event, kills: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--kill-every", type=float, default=3.0)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--kill-every", type=float, default=1.5)
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sinq-soak-"))

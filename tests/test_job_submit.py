@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -30,20 +31,28 @@ ENV = {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled", "PATH"
 
 @pytest.fixture(scope="module")
 def head() -> str:
+    """A head started with --block in its own process group, so that stopping it ends this
+    cluster alone (`ray stop` would end every Ray on the machine)."""
     port, dash = free_port(), free_port()
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-                   env=ENV, check=True, capture_output=True, timeout=180)
+    proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--disable-usage-stats"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while subprocess.run([RAY, "job", "list", "--address", address], env=ENV, capture_output=True).returncode:
-            if time.time() > deadline:
-                raise RuntimeError("the Ray dashboard did not come up")
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("the Ray head did not come up")
             time.sleep(2)
         yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_ray_job_submit_round_trip(head: str, tmp_path: Path) -> None:
