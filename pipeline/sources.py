@@ -174,8 +174,13 @@ def _resolve_hub(spec: str) -> HubSource:
 
 
 def open_source(spec: str, options: StorageOptions | None = None) -> Source:
-    """Resolve ``spec``: a URL (``s3://...``), a local directory, or ``org/name[@revision]`` on the Hub."""
+    """Resolve ``spec``: a URL (``s3://...``), a local directory, ``org/name[@revision]`` on the Hub,
+    or a generated ``synthetic://NAME?layers=N&seed=S&dtype=bf16`` checkpoint."""
     options = options or StorageOptions()
+    if spec.startswith("synthetic://"):
+        from .synthetic import open_synthetic
+
+        return open_synthetic(spec)
     if "://" in spec:
         location = Location(spec, options)
     elif os.path.isdir(os.path.expanduser(spec)):

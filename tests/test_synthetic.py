@@ -1,0 +1,64 @@
+"""synthetic:// sources: whole-model-shaped jobs without the model's bytes on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from pipeline.plan import make_plan
+from pipeline.run import JobOptions, run_job
+from pipeline.sources import SourceError, open_source
+from pipeline_checks import file_bytes, read_dir_tensors
+from sinq_ops import QuantConfig, quantize
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+    yield
+    ray.shutdown()
+
+
+def test_llama_70b_plans_at_full_scale_without_generating_data() -> None:
+    plan = make_plan(open_source("synthetic://llama-70b"), QuantConfig())
+    assert sum(u.name.startswith("model.layers.") for u in plan.units) == 80
+    assert len(plan.quantized) == 80 * 7
+    assert 140e9 < plan.in_bytes < 142e9  # 70.6B parameters in bf16
+    layer = next(u for u in plan.units if u.name == "model.layers.0")
+    assert {t.info.shape for t in layer.tasks if t.quantize} == {(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)}
+
+
+def test_tiny_synthetic_job_is_deterministic_and_quantizes_the_generated_weights(tmp_path: Path) -> None:
+    spec = "synthetic://tiny?layers=3&seed=7&dtype=bf16"
+    m1 = run_job(JobOptions(model=spec, out=str(tmp_path / "a"), workers=2, max_shard_size=300_000), log=lambda _: None)
+    run_job(JobOptions(model=spec, out=str(tmp_path / "b"), workers=1, max_shard_size=300_000), log=lambda _: None)
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+    assert m1["source"]["synthetic"] == "tiny" and m1["source"]["seed"] == 7
+    src = open_source(spec)
+    name = "model.layers.2.mlp.down_proj.weight"
+    w = src.read_tensor("layer-00002", src.header("layer-00002")[name])
+    assert w.dtype == torch.bfloat16 and w.shape == (256, 512)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = quantize(w).to_state_dict("model.layers.2.mlp.down_proj")
+    finally:
+        torch.set_num_threads(threads)
+    out = read_dir_tensors(tmp_path / "a")
+    assert all(torch.equal(out[k], v) for k, v in expected.items())
+    other = open_source("synthetic://tiny?layers=3&seed=8")
+    assert not torch.equal(other.read_tensor("layer-00002", other.header("layer-00002")[name]), w)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("synthetic://gpt-9", "unknown synthetic model 'gpt-9'"),
+    ("synthetic://tiny?layers=x", "must be integers"),
+    ("synthetic://tiny?depth=3", "unknown parameter 'depth'"),
+    ("synthetic://tiny?dtype=int8", "dtype one of"),
+])
+def test_bad_synthetic_specs(spec: str, message: str) -> None:
+    with pytest.raises(SourceError, match=message):
+        open_source(spec)
