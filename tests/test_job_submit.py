@@ -40,8 +40,10 @@ def head() -> str:
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
+        # Ready once it accepts and runs a job: the dashboard answers before its job agent does.
         deadline = time.time() + 180
-        while subprocess.run([RAY, "job", "list", "--address", address], env=ENV, capture_output=True).returncode:
+        while subprocess.run([RAY, "job", "submit", "--address", address, "--", "true"], env=ENV,
+                             capture_output=True).returncode:
             if time.time() > deadline or proc.poll() is not None:
                 raise RuntimeError("the Ray head did not come up")
             time.sleep(2)
