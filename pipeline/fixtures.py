@@ -24,10 +24,10 @@ def llama_config(layers: int, hidden: int, intermediate: int, vocab: int, heads:
 
 
 def _weight(shape: tuple[int, ...], g: torch.Generator, scale: float = 0.02) -> torch.Tensor:
-    w = torch.randn(shape, generator=g) * scale
+    w = torch.randn(shape, generator=g, dtype=torch.float32) * scale
     if len(shape) == 2:
-        w *= torch.exp(torch.randn(shape[0], 1, generator=g) * 0.1)
-        w *= torch.exp(torch.randn(1, shape[1], generator=g) * 0.1)
+        w *= torch.exp(torch.randn(shape[0], 1, generator=g, dtype=torch.float32) * 0.1)
+        w *= torch.exp(torch.randn(1, shape[1], generator=g, dtype=torch.float32) * 0.1)
     return w.to(torch.bfloat16)
 
 

@@ -95,11 +95,11 @@ class SyntheticSource(Source):
         digest = hashlib.sha256(f"{self.seed}:{info.name}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         if len(info.shape) == 1:
-            return (1 + 0.1 * torch.randn(info.shape, generator=g)).to(DTYPES[info.dtype])
+            return (1 + 0.1 * torch.randn(info.shape, generator=g, dtype=torch.float32)).to(DTYPES[info.dtype])
         rows, cols = info.shape
-        w = torch.randn(info.shape, generator=g)
-        w.mul_(0.02 * torch.exp(0.1 * torch.randn(rows, 1, generator=g)))
-        w.mul_(torch.exp(0.1 * torch.randn(1, cols, generator=g)))
+        w = torch.randn(info.shape, generator=g, dtype=torch.float32)
+        w.mul_(0.02 * torch.exp(0.1 * torch.randn(rows, 1, generator=g, dtype=torch.float32)))
+        w.mul_(torch.exp(0.1 * torch.randn(1, cols, generator=g, dtype=torch.float32)))
         return w.to(DTYPES[info.dtype])
 
 

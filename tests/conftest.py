@@ -9,3 +9,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="sinq-test-hf-")
 os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_defaults_unchanged(request):
+    """A test must leave torch's process-wide defaults as it found them."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    changed = (torch.get_default_dtype(), torch.get_num_threads()) != (dtype, threads)
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+    assert not changed, f"{request.node.nodeid} changed torch defaults"

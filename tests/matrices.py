@@ -8,9 +8,9 @@ import torch
 def llm_like(n: int, k: int, seed: int, outliers: int = 3) -> torch.Tensor:
     """Uneven row and column scales and a few outlier columns, below the kurtosis gate."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.02
-    w *= torch.exp(torch.randn(n, 1, generator=g) * 0.12)
-    w *= torch.exp(torch.randn(1, k, generator=g) * 0.12)
+    w = torch.randn(n, k, generator=g, dtype=torch.float32) * 0.02
+    w *= torch.exp(torch.randn(n, 1, generator=g, dtype=torch.float32) * 0.12)
+    w *= torch.exp(torch.randn(1, k, generator=g, dtype=torch.float32) * 0.12)
     w[:, torch.randperm(k, generator=g)[:outliers]] *= 2.5
     return w
 

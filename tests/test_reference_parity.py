@@ -196,8 +196,8 @@ def test_aux8_grid_matches_reference() -> None:
     from sinq_ops import aux8
 
     g = torch.Generator().manual_seed(5)
-    scales = torch.rand(4096, 1, generator=g) * 0.01 + 1e-4
-    zeros = torch.randint(0, 16, (4096, 1), generator=g).float()
+    scales = torch.rand(4096, 1, generator=g, dtype=torch.float32) * 0.01 + 1e-4
+    zeros = torch.randint(0, 16, (4096, 1), generator=g).to(torch.float32)
     for values, tile in ((scales, 32), (zeros, zeros.numel())):
         ours = aux8.encode(values, tile)
         x, s, m, _ = rtn8(values.clone(), tile=tile)
