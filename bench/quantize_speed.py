@@ -52,8 +52,8 @@ def run(device: str, rows_div: int, repeats: int, cfg: QuantConfig) -> None:
     for name, n, k, count in LLAMA_70B:
         n = max(cfg.group_size, n // rows_div)
         w = llm_like(n, k, seed=n + k).half().to(device)
-        t_ours, q = _timed(lambda: quantize(w, **cfg.to_dict()), device, repeats)
-        t_ref, (packed, meta) = _timed(lambda: reference_quantize(w, cfg, device), device, repeats)
+        t_ours, q = _timed(lambda w=w: quantize(w, **cfg.to_dict()), device, repeats)
+        t_ref, (packed, meta) = _timed(lambda w=w: reference_quantize(w, cfg, device), device, repeats)
         err_ours = relative_error(w, q)
         ref = reference_dequantize(packed, meta).float()
         w32 = w.float()

@@ -24,3 +24,13 @@ def _torch_defaults_unchanged(request):
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
     assert not changed, f"{request.node.nodeid} changed torch defaults"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One real local Ray instance per test module that asks for it (never an existing cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+    yield
+    ray.shutdown()

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -21,11 +20,7 @@ from pipeline.manifest import MANIFEST_NAME
 W = "model.layers.0.mlp.up_proj.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -34,11 +33,7 @@ TEXT = " ".join(f"the {w} of the {v} is {u} ." for w, v, u in zip(
     ["red", "big", "old", "new"] * 60))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def _word_tokenizer(out: Path) -> int:

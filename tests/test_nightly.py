@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from jobs import nightly as nightly_cli
@@ -31,10 +30,9 @@ def s3():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray(s3):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+def ray_after_s3(s3, local_ray):
+    """Ray starts once the endpoint and credentials are in the environment, which its workers inherit."""
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 import s3fs
 
 from pipeline.fixtures import write_llama_checkpoint
@@ -28,11 +27,9 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray(s3_endpoint):
-    # Started after the endpoint and credentials are in the environment, which workers inherit.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+def ray_after_s3(s3_endpoint, local_ray):
+    """Ray starts once the endpoint and credentials are in the environment, which its workers inherit."""
     yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,6 @@ def _tile_agreement(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     balanced (a tie within float noise, or the final update that the reference never scores).
     """
     n, k = w.shape
-    g = cfg.group_size
     tiles = _tiles(w.half().float(), cfg)
     rows, cols = sinkhorn_scales(tiles, SINKHORN_ITERS)
     agree = torch.ones(tiles.shape, dtype=torch.bool)

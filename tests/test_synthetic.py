@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from pipeline.plan import make_plan
@@ -15,11 +14,7 @@ from pipeline_checks import file_bytes, read_dir_tensors
 from sinq_ops import QuantConfig, quantize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def test_llama_70b_plans_at_full_scale_without_generating_data() -> None:
