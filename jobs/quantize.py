@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="object-store files larger than this are uploaded in parts (at least 5MiB)")
     p.add_argument("--max-attempts", type=int, default=10,
                    help="attempts per object-storage request, with backoff, before a fault fails the job")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray)")
+    p.add_argument("--ray-address", help="Ray cluster to run on, e.g. HEAD:6379 or 'auto' for the one `ray start` began "
+                                          "here (default: RAY_ADDRESS, else a new local Ray)")
     return p
 
 

@@ -129,7 +129,8 @@ def _ensure_ray(opts: JobOptions) -> None:
         # A cluster (or `ray job submit`) brings its own runtime environment; adding one would conflict.
         ray.init(address=opts.ray_address, log_to_driver=True)
     else:
-        ray.init(log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+        # A fresh local Ray: never a cluster that a stale /tmp/ray record points at.
+        ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
 
 
 def _pool(plan: Plan, opts: JobOptions, staging: Location, units: int) -> list:
