@@ -90,7 +90,6 @@ def test_driver_killed_then_rerun_reuses_staged_units(checkpoint: Path, clean: P
     proc.wait()
     assert len(staged) >= 4 and not (out / MANIFEST_NAME).exists()
 
-    other = tmp_path / "other-config"
     rerun = _cli(args)
     text = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, text[-2000:]
@@ -98,7 +97,6 @@ def test_driver_killed_then_rerun_reuses_staged_units(checkpoint: Path, clean: P
     assert reused >= 4
     assert file_bytes(out) == file_bytes(clean)
     assert not (out / ".staging").exists()
-    del other
 
 
 def test_a_different_config_never_reuses_staged_units(checkpoint: Path, tmp_path: Path) -> None:
