@@ -127,34 +127,42 @@ class HubSource(Source):
         with open(self._local(name), "rb") as f:
             return f.read()
 
-    def exists(self, name: str) -> bool:
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    def _cached(self, name: str) -> str | None | object:
+        from huggingface_hub import try_to_load_from_cache
 
-        try:
-            self._local(name)
-        except (EntryNotFoundError, LocalEntryNotFoundError, FileNotFoundError):
+        return try_to_load_from_cache(self.repo_id, name, revision=self.revision)
+
+    def exists(self, name: str) -> bool:
+        """Without downloading: the cache, else (online) the Hub's file listing."""
+        from huggingface_hub import HfApi, constants
+
+        cached = self._cached(name)
+        if isinstance(cached, str):
+            return True
+        if cached is not None or constants.HF_HUB_OFFLINE:
             return False
-        return True
+        return HfApi().file_exists(self.repo_id, name, revision=self.revision)
 
     def header(self, name: str) -> dict[str, TensorInfo]:
-        path = self._local(name)
-        with open(path, "rb") as f:
-            return read_header(f, os.path.getsize(path), f"{self.spec}/{name}")
+        """From the cached file, else by HTTP range requests: the driver never downloads a shard."""
+        label = f"{self.spec}/{name}"
+        cached = self._cached(name)
+        if isinstance(cached, str):
+            with open(cached, "rb") as f:
+                return read_header(f, os.path.getsize(cached), label)
+        from huggingface_hub import HfFileSystem
+
+        fs, path = HfFileSystem(), f"{self.repo_id}@{self.revision}/{name}"
+        size = int(fs.size(path))
+        head = fs.cat_file(path, start=0, end=min(8, size))
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        body = fs.cat_file(path, start=8, end=8 + length) if 0 < length and 8 + length <= size else b""
+        return read_header(io.BytesIO(head + body), size, label)
 
     def read_tensor(self, name: str, info: TensorInfo) -> torch.Tensor:
         with open(self._local(name), "rb") as f:
             f.seek(info.start)
             return tensor_from_bytes(info, f.read(info.nbytes))
-
-    def assets(self) -> list[str]:
-        return [n for n in ASSET_FILES if self.exists(n)]
-
-    def weight_files(self) -> list[str]:
-        if self.exists(INDEX_NAME):
-            return Source.weight_files(self)
-        if self.exists(SINGLE_NAME):
-            return [SINGLE_NAME]
-        raise SourceError(f"{self.spec}: no {SINGLE_NAME} or {INDEX_NAME} in the repo")
 
 
 def _resolve_hub(spec: str) -> HubSource:
