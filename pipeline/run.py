@@ -16,6 +16,7 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util import ActorPool
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sinq_ops import QuantConfig
 
@@ -151,6 +152,11 @@ def _pool(plan: Plan, opts: JobOptions, staging: Location, units: int) -> list:
     ]
 
 
+def _on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """The reducer shares the driver's fate: losing a worker node must never take it along."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def _unwrap(exc: Exception) -> str:
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
@@ -180,7 +186,7 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     todo = [u for u in plan.units if u.index not in reused]
     _ensure_ray(opts)
     workers = _pool(plan, opts, staging, len(todo)) if todo else []
-    reducer = Reducer.options(num_cpus=0).remote(plan, dest, staging)
+    reducer = Reducer.options(num_cpus=0, scheduling_strategy=_on_driver_node()).remote(plan, dest, staging)
     log(f"quantizing {plan.source.spec} -> {dest.url}: {len(todo)} units on {len(workers)} workers")
 
     pending_adds = [reducer.add.remote(r) for r in reused.values()]
