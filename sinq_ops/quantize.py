@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -192,7 +194,64 @@ def _prepare(weight: Tensor, config: QuantConfig) -> Tensor:
         raise ValueError("weight contains NaN or Inf")
     if max(-lo, hi) > _FP16_MAX:
         raise ValueError(f"weight has values beyond the fp16 range (|w| > {_FP16_MAX:g})")
-    return weight.to(torch.float16).to(torch.float32)
+    return weight.contiguous()
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _backend(w: Tensor, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+    triton_ok = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return "triton" if w.is_cuda and triton_ok else "torch"
+    if backend == "triton":
+        if not triton_ok:
+            raise ValueError("backend='triton' needs the triton package")
+        if not w.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1)")
+    return backend
+
+
+def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, use_sinkhorn: bool):
+    """Reference path: sinkhorn.py, rounding.py and packing.py on an fp32 copy of the weight."""
+    n, k = w.shape
+    g = config.group_size
+    tiles = w.to(torch.float16).float().view(n // tile_rows, tile_rows, k // g, g)
+    a, rows, b, cols = tiles.shape
+    if use_sinkhorn:
+        row_scale, col_scale = sinkhorn_scales(tiles, SINKHORN_ITERS)
+        normalised = tiles / col_scale.unsqueeze(1) / row_scale.unsqueeze(-1)
+    else:
+        row_scale = torch.ones(a, rows, b, device=w.device)
+        col_scale = torch.ones(a, b, cols, device=w.device)
+        normalised = tiles
+    if config.codebook_name:
+        codes, step, zero = round_codebook(normalised, codebook(config.codebook_name, w.device))
+    else:
+        codes, step, zero = round_uniform(normalised, config.max_code)
+    del normalised, tiles
+    qweight = packing.pack(codes.reshape(-1, g), config.bits)
+    return qweight, step.squeeze(-1) * row_scale, zero.squeeze(-1), col_scale
+
+
+def _triton_path(w: Tensor, config: QuantConfig, tile_rows: int, use_sinkhorn: bool):
+    """Same results from two kernel launches that read the weight in place, in its own dtype."""
+    from . import kernels
+
+    n, k = w.shape
+    g = config.group_size
+    tiles = (n // tile_rows) * (k // g)
+    if use_sinkhorn:
+        row_scale, col_scale = kernels.sinkhorn_scales(w, tile_rows, g, SINKHORN_ITERS)
+    else:
+        row_scale = torch.ones(tiles, tile_rows, device=w.device)
+        col_scale = torch.ones(tiles, g, device=w.device)
+    qweight, group_scale, zero = kernels.quantize_groups(w, row_scale, col_scale, tile_rows, config)
+    a, b = n // tile_rows, k // g
+    shape = (a, tile_rows, b)
+    return qweight, group_scale.view(shape), zero.view(shape), col_scale.view(a, b, g)
 
 
 def quantize(
@@ -203,35 +262,22 @@ def quantize(
     tiling: str = "1D",
     method: str = "sinq",
     aux: str = "int8",
+    backend: str = "auto",
 ) -> QuantizedWeight:
     """Quantize a 2-D ``[out_features, in_features]`` weight on the device it lives on.
 
     The weight is rounded to fp16 first (as the reference does) and processed in fp32.
+    ``backend="auto"`` runs the Triton kernels on CUDA tensors and the torch path elsewhere.
     """
     config = QuantConfig(bits=bits, group_size=group_size, tiling=tiling, method=method, aux=aux)
     w = _prepare(weight, config)
+    path = _triton_path if _backend(w, backend) == "triton" else _torch_path
     n, k = w.shape
     g = config.group_size
-    tiles = w.view(1, n, k // g, g) if tiling == "1D" else w.view(n // g, g, k // g, g)
-    a, rows, b, cols = tiles.shape
+    tile_rows = n if tiling == "1D" else g
+    use_sinkhorn = config.uses_sinkhorn and tile_rows > 1 and kurtosis(w) <= KURTOSIS_GATE
+    qweight, group_scale, zero, col_scale = path(w, config, tile_rows, use_sinkhorn)
 
-    use_sinkhorn = config.uses_sinkhorn and rows > 1 and kurtosis(w) <= KURTOSIS_GATE
-    if use_sinkhorn:
-        row_scale, col_scale = sinkhorn_scales(tiles, SINKHORN_ITERS)
-        normalised = tiles / col_scale.unsqueeze(1) / row_scale.unsqueeze(-1)
-    else:
-        row_scale = torch.ones(a, rows, b, device=w.device)
-        col_scale = torch.ones(a, b, cols, device=w.device)
-        normalised = tiles
-
-    if config.codebook_name:
-        codes, step, zero = round_codebook(normalised, codebook(config.codebook_name, w.device))
-    else:
-        codes, step, zero = round_uniform(normalised, config.max_code)
-    del normalised
-
-    group_scale = step.squeeze(-1) * row_scale  # [a, rows, b]
-    zero = zero.squeeze(-1)
     if tiling == "1D":
         scale_l, zero_l = group_scale.reshape(-1, 1), zero.reshape(-1, 1)
         scale2 = col_scale.reshape(1, k)
@@ -245,8 +291,6 @@ def quantize(
         zero_v: GroupValues = aux8.encode(zero_l, zero_l.numel())
     else:
         scale_v, zero_v = scale_l.to(torch.float16), zero_l.to(torch.float16)
-
-    qweight = packing.pack(codes.reshape(-1, g), config.bits)
     return QuantizedWeight(
         qweight, scale_v, zero_v, scale2.to(torch.float16), (n, k), config, use_sinkhorn,
     )

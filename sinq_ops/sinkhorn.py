@@ -21,14 +21,27 @@ _LOG_MIN, _LOG_MAX = -0.3, 10.0
 _TIE_RTOL = 1e-4
 
 
+_KURTOSIS_CHUNK = 1 << 22
+
+
 def kurtosis(w: Tensor) -> float:
-    """Pearson kurtosis (normal = 3) in float32, as the reference computes it, but independent of
-    the matrix's overall scale (the reference floors the variance at 1e-6)."""
-    sq = (w.reshape(-1) - w.mean()).square_()
-    var = sq.mean()
-    if var <= 0:
-        return 0.0
-    return float(sq.square_().mean() / (var * var))
+    """Pearson kurtosis (normal = 3) of the fp16-rounded weight in float32, as the reference computes
+    it, but independent of the matrix's overall scale (the reference floors the variance at 1e-6).
+
+    Works through the weight a few million elements at a time so that a large matrix is never
+    copied whole; chunk sums are accumulated in float64.
+    """
+    chunks = w.reshape(-1).split(_KURTOSIS_CHUNK)
+    total = torch.zeros(3, dtype=torch.float64, device=w.device)
+    for c in chunks:
+        total[0] += c.to(torch.float16).float().sum()
+    mean = (total[0] / w.numel()).float()
+    for c in chunks:
+        sq = (c.to(torch.float16).float() - mean).square_()
+        total[1] += sq.sum()
+        total[2] += sq.square_().sum()
+    var, fourth = float(total[1]) / w.numel(), float(total[2]) / w.numel()
+    return fourth / (var * var) if var > 0 else 0.0
 
 
 def _std_from_sums(s1: Tensor, s2: Tensor, n: int) -> Tensor:

@@ -1,0 +1,143 @@
+"""The Triton kernels against the torch path.
+
+Without a GPU they run under Triton's interpreter on the CPU; a separate test compiles them
+for an H100 (sm_90) with Triton's own compiler, which the interpreter does not exercise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from matrices import heavy_tailed, llm_like
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, at import
+from sinq_ops import QuantConfig, kernels, quantize, relative_error  # noqa: E402
+from sinq_ops.packing import unpack  # noqa: E402
+from sinq_ops.quantize import _values  # noqa: E402
+from sinq_ops.sinkhorn import sinkhorn_scales  # noqa: E402
+
+if not ON_GPU:
+    del os.environ["TRITON_INTERPRET"]
+DEVICE = "cuda" if ON_GPU else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = [
+    QuantConfig(bits=4), QuantConfig(bits=3), QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=128),
+    QuantConfig(bits=4, tiling="2D"), QuantConfig(bits=3, tiling="2D", aux="fp16"),
+    QuantConfig(bits=4, method="nf4"), QuantConfig(bits=3, method="nf3", tiling="2D"),
+    QuantConfig(bits=2, aux="fp16"), QuantConfig(bits=5), QuantConfig(bits=6), QuantConfig(bits=8),
+    QuantConfig(bits=4, method="rtn"), QuantConfig(bits=4, group_size=192),
+]
+
+
+@pytest.fixture
+def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _codes(q) -> torch.Tensor:
+    n, k = q.shape
+    return unpack(q.qweight, q.config.bits, n * k // q.config.group_size).int()
+
+
+def _assert_same_quantization(w: torch.Tensor, cfg: QuantConfig) -> None:
+    """Within the tolerance of the reference-parity tests: at most 0.1% of codes differ, by one step."""
+    ours = quantize(w, **cfg.to_dict(), backend="torch")
+    fast = quantize(w.to(DEVICE), **cfg.to_dict(), backend="triton").to("cpu")
+    assert fast.sinkhorn_applied == ours.sinkhorn_applied
+    assert fast.qweight.dtype == ours.qweight.dtype and fast.qweight.shape == ours.qweight.shape
+    diff = (_codes(fast) - _codes(ours)).abs()
+    assert int(diff.max()) <= 1
+    assert int((diff > 0).sum()) <= 1e-3 * diff.numel(), f"{int((diff > 0).sum())} of {diff.numel()} codes differ"
+    torch.testing.assert_close(fast.scale2.float(), ours.scale2.float(), rtol=2e-3, atol=0)
+    for name in ("scale", "zero"):
+        a, b = _values(getattr(fast, name)), _values(getattr(ours, name))
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2 * float(b.abs().max()))
+    assert relative_error(w.half(), fast) <= relative_error(w.half(), ours) * 1.001
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.method}-{c.bits}b-g{c.group_size}-{c.tiling}-{c.aux}")
+def test_kernels_quantize_like_the_torch_path(interpret: None, cfg: QuantConfig) -> None:
+    _assert_same_quantization(llm_like(256, 768, seed=11), cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weights_are_read_in_their_own_dtype(interpret: None, dtype: torch.dtype) -> None:
+    """No fp16 copy: the kernels round each value to fp16 as they load it, as the torch path does up front."""
+    _assert_same_quantization(llm_like(128, 512, seed=14).to(dtype), QuantConfig(bits=4))
+
+
+def test_group_counts_that_leave_a_partial_packed_word(interpret: None) -> None:
+    # 203 * 2 = 406 groups: the last 3-bit word holds 6 codes and 4 padding slots.
+    _assert_same_quantization(llm_like(203, 128, seed=12), QuantConfig(bits=3))
+    _assert_same_quantization(llm_like(203, 128, seed=12), QuantConfig(bits=2))
+
+
+def test_gated_matrix_skips_sinkhorn_on_both_paths(interpret: None) -> None:
+    w = heavy_tailed(128, 512, seed=4)
+    _assert_same_quantization(w, QuantConfig(bits=4))
+    assert not quantize(w.to(DEVICE), backend="triton").sinkhorn_applied
+
+
+@pytest.mark.parametrize("tiling", ["1D", "2D"])
+def test_sinkhorn_kernel_matches_torch_scales(interpret: None, tiling: str) -> None:
+    w = llm_like(192, 256, seed=13).half()
+    g = 64
+    rows = 192 if tiling == "1D" else g
+    tiles = w.float().view(192 // rows, rows, 256 // g, g)
+    want_r, want_c = sinkhorn_scales(tiles, 16)
+    got_r, got_c = kernels.sinkhorn_scales(w.to(DEVICE), rows, g, 16)
+    a, b = tiles.shape[0], tiles.shape[2]
+    torch.testing.assert_close(got_r.cpu(), want_r.permute(0, 2, 1).reshape(a * b, rows), rtol=1e-4, atol=0)
+    torch.testing.assert_close(got_c.cpu(), want_c.reshape(a * b, g), rtol=1e-4, atol=0)
+    assert not torch.allclose(want_c, torch.ones_like(want_c))  # the tiles were really rescaled
+
+
+def test_backend_errors_name_the_option() -> None:
+    w = llm_like(64, 64, seed=1)
+    with pytest.raises(ValueError, match=r"backend='cuda' is not supported"):
+        quantize(w, backend="cuda")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            quantize(w, backend="triton")
+        assert quantize(w).qweight.device.type == "cpu"  # auto picks torch for CPU tensors
+
+
+def test_kernels_compile_for_h100(tmp_path: Path) -> None:
+    """Triton's compiler (not the interpreter) builds both kernels to sm_90 machine code."""
+    script = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from sinq_ops import kernels
+        target = GPUTarget("cuda", 90, 32)
+        f32 = ["std_min", "std_max", "step_min", "step_max", "log_min", "log_max", "tie_rtol"]
+        sig = {"w_ptr": "*fp16", "log_r_ptr": "*fp32", "best_r_ptr": "*fp32", "row_std_ptr": "*fp32",
+               "best_c_ptr": "*fp32", "K": "i32", "R": "i32", "C": "i32", "tiles_per_row": "i32", "iters": "i32",
+               **{n: "fp32" for n in f32}, "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+        src = ASTSource(kernels._sinkhorn_kernel, sig, constexprs={"BLOCK_R": 128, "BLOCK_C": 64})
+        print("sinkhorn", len(triton.compile(src, target=target).asm["cubin"]))
+        sig = {"w_ptr": "*fp16", "r_ptr": "*fp32", "c_ptr": "*fp32", "mid_ptr": "*fp32", "packed_ptr": "*u8",
+               "scale_ptr": "*fp32", "zero_ptr": "*fp32", "K": "i32", "groups": "i32", "words": "i32",
+               "tiles_per_row": "i32", "R": "i32", "max_code": "fp32", "min_range": "fp32"}
+        consts = {"G": 64, "BLOCK_G": 64, "BLOCK_P": 64, "BITS": 4, "PER_WORD": 2, "N_LEVELS": 0}
+        sig.update({name: "constexpr" for name in consts})
+        src = ASTSource(kernels._quantize_kernel, sig, constexprs=consts)
+        print("quantize", len(triton.compile(src, target=target).asm["cubin"]))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sizes = dict(line.split() for line in out.stdout.splitlines())
+    assert int(sizes["sinkhorn"]) > 0 and int(sizes["quantize"]) > 0
