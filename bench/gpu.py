@@ -1,12 +1,15 @@
 """SINQ on a GPU: ours against the reference on Llama-70B shapes, then the whole pipeline on
 synthetic://llama-70b with 1, 2 and 4 workers sharing the GPU.
 
-Per shape: milliseconds for ours and the reference (CUDA events, best of --repeats), the ratio,
-the memory-copy floor (one read and one write of the fp16 weight), and the peak GPU memory while
-quantizing relative to the tensor's fp16 size. Then the job: wall time, source GB/s, and the GPU
-utilisation sampled with nvidia-smi.
+Per shape, for 4 and 3 bits with groups of 64 and 128 (1D, 8-bit scales): milliseconds for the
+Triton kernels, our torch path and the reference (CUDA events, best of --repeats), the ratio to
+the reference, the memory-copy floor (one read and one write of the fp16 weight), the peak extra
+GPU memory while quantizing an fp16 and a bf16 weight relative to the tensor's fp16 size, and the
+share of codes that differ from the torch path. Then per decoder layer for 2D tiling, NF4, NF3
+and the other bit widths. Then the job: wall time, source GB/s, and the GPU utilisation sampled
+with nvidia-smi.
 
-    python bench/gpu.py [--layers 8] [--repeats 3] [--bits 4] [--group-size 64]
+    python bench/gpu.py [--layers 8] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,7 +35,11 @@ from matrices import llm_like  # noqa: E402
 from oracle import reference_quantize  # noqa: E402
 
 from sinq_ops import QuantConfig, quantize  # noqa: E402
+from sinq_ops.packing import unpack  # noqa: E402
 
+MAIN = [QuantConfig(bits=b, group_size=g) for b in (4, 3) for g in (64, 128)]
+OTHERS = [QuantConfig(bits=4, tiling="2D"), QuantConfig(bits=4, method="nf4"), QuantConfig(bits=3, method="nf3"),
+          *(QuantConfig(bits=b) for b in (2, 5, 6, 8))]
 LLAMA_70B = [("q/o_proj", 8192, 8192, 2), ("k/v_proj", 1024, 8192, 2),
              ("gate/up_proj", 28672, 8192, 2), ("down_proj", 8192, 28672, 1)]
 
@@ -48,28 +56,60 @@ def cuda_ms(fn, repeats: int) -> float:
     return best
 
 
-def shapes(cfg: QuantConfig, repeats: int) -> None:
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; {cfg.method} {cfg.bits}-bit g{cfg.group_size} "
-          f"{cfg.tiling} {cfg.aux}")
-    print(f"{'tensor':14s} {'shape':>12s} {'ours ms':>8s} {'ref ms':>8s} {'ratio':>6s} {'copy ms':>8s} {'peak/fp16':>9s}")
-    total_ours = total_ref = 0.0
-    for name, n, k, count in LLAMA_70B:
-        w = llm_like(n, k, seed=n + k).half().cuda()
-        ours = cuda_ms(lambda w=w: quantize(w, **cfg.to_dict()), repeats)
-        ref = cuda_ms(lambda w=w: reference_quantize(w, cfg, "cuda"), repeats)
-        copy = cuda_ms(lambda w=w: w.clone(), repeats)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        quantize(w, **cfg.to_dict())
-        peak = torch.cuda.max_memory_allocated() - base
-        total_ours += ours * count
-        total_ref += ref * count
-        print(f"{name:14s} {f'{n}x{k}':>12s} {ours:8.2f} {ref:8.2f} {ref / ours:6.1f} {copy:8.3f} "
-              f"{peak / w.numel() / 2:9.2f}")
-        del w
-        torch.cuda.empty_cache()
-    print(f"{'decoder layer':14s} {'':>12s} {total_ours:8.2f} {total_ref:8.2f} {total_ref / total_ours:6.1f}")
+def peak_ratio(w: torch.Tensor, cfg: QuantConfig) -> float:
+    """Peak memory allocated while quantizing, beyond the weight itself, per byte of the fp16 weight."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    q = quantize(w, **cfg.to_dict())
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del q
+    return peak / (w.numel() * 2)
+
+
+def code_mismatch(w: torch.Tensor, cfg: QuantConfig) -> float:
+    n, k = w.shape
+    rows = n * k // cfg.group_size
+    fast = unpack((q := quantize(w, **cfg.to_dict())).qweight, cfg.bits, rows)
+    slow = unpack(quantize(w, **cfg.to_dict(), backend="torch").qweight, cfg.bits, rows)
+    assert q.qweight.is_cuda
+    return float((fast != slow).float().mean())
+
+
+def layer_ms(cfg: QuantConfig, repeats: int, weights: dict) -> tuple[float, float]:
+    ours = sum(cuda_ms(lambda w=w: quantize(w, **cfg.to_dict()), repeats) * count for w, count in weights.values())
+    ref = sum(cuda_ms(lambda w=w: reference_quantize(w, cfg, "cuda"), repeats) * count for w, count in weights.values())
+    return ours, ref
+
+
+def shapes(repeats: int) -> None:
+    weights = {name: (llm_like(n, k, seed=n + k).half().cuda(), count) for name, n, k, count in LLAMA_70B}
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for cfg in MAIN:
+        print(f"\n{cfg.method} {cfg.bits}-bit g{cfg.group_size} {cfg.tiling} {cfg.aux}")
+        print(f"{'tensor':14s} {'shape':>12s} {'ours ms':>8s} {'torch ms':>9s} {'ref ms':>8s} {'ratio':>6s} "
+              f"{'copy ms':>8s} {'peak fp16':>9s} {'peak bf16':>9s} {'codes !=':>9s}")
+        totals = [0.0, 0.0, 0.0, 0.0]
+        for name, (w, count) in weights.items():
+            ours = cuda_ms(lambda w=w: quantize(w, **cfg.to_dict()), repeats)
+            slow = cuda_ms(lambda w=w: quantize(w, **cfg.to_dict(), backend="torch"), repeats)
+            ref = cuda_ms(lambda w=w: reference_quantize(w, cfg, "cuda"), repeats)
+            copy = cuda_ms(lambda w=w: w.clone(), repeats)
+            for i, v in enumerate((ours, slow, ref, copy)):
+                totals[i] += v * count
+            peak16 = peak_ratio(w, cfg)
+            peak_bf = peak_ratio(w.bfloat16(), cfg)
+            print(f"{name:14s} {f'{w.shape[0]}x{w.shape[1]}':>12s} {ours:8.2f} {slow:9.2f} {ref:8.2f} {ref / ours:6.1f} "
+                  f"{copy:8.3f} {peak16:9.3f} {peak_bf:9.3f} {code_mismatch(w, cfg):9.2e}")
+        ours, slow, ref, copy = totals
+        print(f"{'decoder layer':14s} {'':>12s} {ours:8.2f} {slow:9.2f} {ref:8.2f} {ref / ours:6.1f} {copy:8.3f}")
+    print(f"\nother settings, per decoder layer\n{'setting':24s} {'ours ms':>8s} {'ref ms':>8s} {'ratio':>6s}")
+    for cfg in OTHERS:
+        ours, ref = layer_ms(cfg, repeats, weights)
+        print(f"{f'{cfg.method} {cfg.bits}-bit g{cfg.group_size} {cfg.tiling}':24s} {ours:8.2f} {ref:8.2f} {ref / ours:6.1f}")
+    del weights
+    torch.cuda.empty_cache()
 
 
 def gpu_utilisation(stop: threading.Event, samples: list[float]) -> None:
@@ -110,15 +150,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--tiling", default="1D")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA device")
-    cfg = QuantConfig(bits=args.bits, group_size=args.group_size, tiling=args.tiling)
-    shapes(cfg, args.repeats)
-    pipeline(args.layers, cfg)
+    shapes(args.repeats)
+    pipeline(args.layers, QuantConfig())
 
 
 if __name__ == "__main__":

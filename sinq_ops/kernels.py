@@ -10,17 +10,15 @@ follow step by step; only float summation order differs.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-import torch
-
 from . import sinkhorn
 from .config import QuantConfig
 from .packing import PACKINGS, packed_rows
-from .rounding import codebook
-from .rounding import _MIN_RANGE
+from .rounding import _MIN_RANGE, codebook
 
 _INF = tl.constexpr(float("inf"))
 
