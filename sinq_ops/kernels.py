@@ -146,6 +146,33 @@ def _quantize_kernel(
     tl.store(packed_ptr + out, word.to(packed_ptr.dtype.element_ty), mask=(p < words)[:, None] & gmask[None, :])
 
 
+@triton.jit
+def _moments_kernel(w_ptr, out_ptr, numel, mean, CENTRAL: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float16).to(tl.float32)
+    if CENTRAL:
+        d = tl.where(mask, x - mean, 0.0)
+        sq = d * d
+        tl.store(out_ptr + 2 * tl.program_id(0), tl.sum(sq, 0))
+        tl.store(out_ptr + 2 * tl.program_id(0) + 1, tl.sum(sq * sq, 0))
+    else:
+        tl.store(out_ptr + 2 * tl.program_id(0), tl.sum(x, 0))
+        tl.store(out_ptr + 2 * tl.program_id(0) + 1, 0.0)
+
+
+def kurtosis(w: Tensor) -> float:
+    """:func:`sinq_ops.sinkhorn.kurtosis` in two reads of the weight: its mean, then the central moments."""
+    block = 4096
+    programs = triton.cdiv(w.numel(), block)
+    partial = torch.empty(programs, 2, dtype=torch.float32, device=w.device)
+    _moments_kernel[(programs,)](w, partial, w.numel(), 0.0, CENTRAL=False, BLOCK=block)
+    mean = float(partial[:, 0].double().sum()) / w.numel()
+    _moments_kernel[(programs,)](w, partial, w.numel(), mean, CENTRAL=True, BLOCK=block)
+    var, fourth = (partial.double().sum(0) / w.numel()).tolist()
+    return fourth / (var * var) if var > 0 else 0.0
+
+
 def sinkhorn_scales(w: Tensor, rows: int, cols: int, iters: int) -> tuple[Tensor, Tensor]:
     """Row scales ``[tiles, rows]`` and column scales ``[tiles, cols]`` of the ``rows x cols`` tiles of ``w``.
 

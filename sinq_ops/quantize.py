@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -200,10 +201,15 @@ def _prepare(weight: Tensor, config: QuantConfig) -> Tensor:
 BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _backend(w: Tensor, backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
-    triton_ok = importlib.util.find_spec("triton") is not None
+    triton_ok = _have_triton()
     if backend == "auto":
         return "triton" if w.is_cuda and triton_ok else "torch"
     if backend == "triton":
@@ -271,11 +277,16 @@ def quantize(
     """
     config = QuantConfig(bits=bits, group_size=group_size, tiling=tiling, method=method, aux=aux)
     w = _prepare(weight, config)
-    path = _triton_path if _backend(w, backend) == "triton" else _torch_path
+    if _backend(w, backend) == "triton":
+        from . import kernels
+
+        path, kurt = _triton_path, kernels.kurtosis
+    else:
+        path, kurt = _torch_path, kurtosis
     n, k = w.shape
     g = config.group_size
     tile_rows = n if tiling == "1D" else g
-    use_sinkhorn = config.uses_sinkhorn and tile_rows > 1 and kurtosis(w) <= KURTOSIS_GATE
+    use_sinkhorn = config.uses_sinkhorn and tile_rows > 1 and kurt(w) <= KURTOSIS_GATE
     qweight, group_scale, zero, col_scale = path(w, config, tile_rows, use_sinkhorn)
 
     if tiling == "1D":

@@ -23,7 +23,7 @@ if not ON_GPU:
 from sinq_ops import QuantConfig, kernels, quantize, relative_error  # noqa: E402
 from sinq_ops.packing import unpack  # noqa: E402
 from sinq_ops.quantize import _values  # noqa: E402
-from sinq_ops.sinkhorn import sinkhorn_scales  # noqa: E402
+from sinq_ops.sinkhorn import kurtosis, sinkhorn_scales  # noqa: E402
 
 if not ON_GPU:
     del os.environ["TRITON_INTERPRET"]
@@ -103,6 +103,13 @@ def test_sinkhorn_kernel_matches_torch_scales(interpret: None, tiling: str) -> N
     assert not torch.allclose(want_c, torch.ones_like(want_c))  # the tiles were really rescaled
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kurtosis_kernel_matches_torch(interpret: None, dtype: torch.dtype) -> None:
+    for w in (llm_like(96, 4100, seed=15), heavy_tailed(64, 4096, seed=16) + 0.3):  # partial block; non-zero mean
+        w = w.to(dtype)
+        assert kernels.kurtosis(w.to(DEVICE)) == pytest.approx(kurtosis(w), rel=1e-4)
+
+
 def test_backend_errors_name_the_option() -> None:
     w = llm_like(64, 64, seed=1)
     with pytest.raises(ValueError, match=r"backend='cuda' is not supported"):
@@ -134,10 +141,14 @@ def test_kernels_compile_for_h100(tmp_path: Path) -> None:
         sig.update({name: "constexpr" for name in consts})
         src = ASTSource(kernels._quantize_kernel, sig, constexprs=consts)
         print("quantize", len(triton.compile(src, target=target).asm["cubin"]))
+        sig = {"w_ptr": "*bf16", "out_ptr": "*fp32", "numel": "i64", "mean": "fp32", "CENTRAL": "constexpr",
+               "BLOCK": "constexpr"}
+        src = ASTSource(kernels._moments_kernel, sig, constexprs={"CENTRAL": True, "BLOCK": 4096})
+        print("moments", len(triton.compile(src, target=target).asm["cubin"]))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     sizes = dict(line.split() for line in out.stdout.splitlines())
-    assert int(sizes["sinkhorn"]) > 0 and int(sizes["quantize"]) > 0
+    assert int(sizes["sinkhorn"]) > 0 and int(sizes["quantize"]) > 0 and int(sizes["moments"]) > 0
