@@ -57,5 +57,5 @@ def unpack(packed: Tensor, bits: int, rows: int) -> Tensor:
     if packed.dtype != spec.dtype:
         raise ValueError(f"packed codes for {bits}-bit must be {spec.dtype}, got {packed.dtype}")
     mask = (1 << spec.bits) - 1
-    parts = [(packed >> (spec.bits * (spec.per_word - 1 - i))) & mask for i in range(spec.per_word)]
-    return torch.cat(parts, 0)[:rows].to(torch.uint8)
+    parts = [((packed >> (spec.bits * (spec.per_word - 1 - i))) & mask).to(torch.uint8) for i in range(spec.per_word)]
+    return torch.cat(parts, 0)[:rows]

@@ -7,7 +7,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -51,25 +51,38 @@ class QuantizedWeight:
         ``apply_scale2=False`` (1D tiling only) leaves the column scale out, for callers that
         apply it to the activations instead: ``W @ x == deq_without_scale2 @ (scale2 * x)``.
         """
+        if not apply_scale2 and self.config.tiling != "1D":
+            raise ValueError("the column scale can only be moved to the activations with 1D tiling")
+        out = torch.empty(self.shape, dtype=dtype, device=self.qweight.device)
+        for start, block in self.row_blocks(out.numel(), apply_scale2):
+            out[start:start + block.shape[0]] = block
+        return out
+
+    def row_blocks(self, block_elements: int, apply_scale2: bool = True) -> Iterator[tuple[int, Tensor]]:
+        """``(first_row, rows)`` of the reconstructed weight in float32, about ``block_elements`` at a time.
+
+        Lets callers compare against the original without a full float32 copy of either.
+        """
         n, k = self.shape
         g = self.config.group_size
         cols = k // g
         codes = packing.unpack(self.qweight, self.config.bits, n * cols)
-        scale, zero = _values(self.scale), _values(self.zero)
+        scale, zero = _values(self.scale).reshape(-1), _values(self.zero).reshape(-1)
         if self.config.tiling == "2D":
             scale, zero = (_tile_major_to_rows(t, n, cols, g) for t in (scale, zero))
         levels = codebook(self.config.codebook_name, codes.device) if self.config.codebook_name else None
-        w = decode(codes, scale.reshape(-1, 1), zero.reshape(-1, 1), levels).reshape(n, k)
-        if not apply_scale2:
-            if self.config.tiling != "1D":
-                raise ValueError("the column scale can only be moved to the activations with 1D tiling")
-            return w.to(dtype)
-        s2 = self.scale2.float()
-        if self.config.tiling == "2D":
-            w = (w.reshape(n // g, g, k) * s2.reshape(n // g, 1, k)).reshape(n, k)
-        else:
-            w = w * s2.reshape(1, k)
-        return w.to(dtype)
+        s2 = self.scale2.float().reshape(-1, k)  # one row (1D) or one row per g rows (2D)
+        unit = g if self.config.tiling == "2D" else 1
+        step = max(unit, block_elements // k // unit * unit)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            q0, q1 = r0 * cols, r1 * cols
+            w = decode(codes[q0:q1], scale[q0:q1, None], zero[q0:q1, None], levels).reshape(r1 - r0, k)
+            if apply_scale2 and unit == 1:
+                w *= s2
+            elif apply_scale2:
+                w = (w.reshape(-1, g, k) * s2[r0 // g:r1 // g, None, :]).reshape(r1 - r0, k)
+            yield r0, w
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         def move(x: GroupValues) -> GroupValues:
@@ -334,9 +347,15 @@ def quantized_layout(shape: tuple[int, int], config: QuantConfig) -> dict[str, t
     return out
 
 
+_ERROR_BLOCK = 1 << 22
+
+
 def relative_error(weight: Tensor, quantized: QuantizedWeight) -> float:
-    """``||W - deq(W)|| / ||W||`` in float32 on the weight's device."""
-    w = weight.float()
-    diff = w - quantized.dequantize(torch.float32).to(w.device)
-    norm = torch.linalg.vector_norm(w)
-    return float(torch.linalg.vector_norm(diff) / norm) if norm > 0 else float(torch.linalg.vector_norm(diff))
+    """``||W - deq(W)|| / ||W||`` on the weight's device, a few million elements at a time."""
+    diff = norm = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for r0, block in quantized.row_blocks(_ERROR_BLOCK):
+        w = weight[r0:r0 + block.shape[0]].float()
+        diff = diff + (w - block.to(w.device)).square_().sum(dtype=torch.float64)
+        norm = norm + w.square().sum(dtype=torch.float64)
+    diff, norm = float(diff.sqrt()), float(norm.sqrt())
+    return diff / norm if norm > 0 else diff

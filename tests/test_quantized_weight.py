@@ -13,7 +13,7 @@ from matrices import llm_like
 from oracle import Quantizer
 from sinq.bitpack import BitPack
 
-from sinq_ops import QuantConfig, QuantizedWeight, quantize, quantized_layout
+from sinq_ops import QuantConfig, QuantizedWeight, quantize, quantized_layout, relative_error
 from sinq_ops import packing
 
 CONFIGS = [
@@ -177,3 +177,17 @@ def test_quantize_computes_where_the_weight_lives(device: str) -> None:
     diff = (q.dequantize().cpu() - cpu.dequantize()).abs()
     assert float((diff > 1e-4).float().mean()) <= 1e-3
     assert q.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tiling", ["1D", "2D"])
+def test_row_blocks_and_relative_error_work_in_pieces(tiling: str) -> None:
+    """Blocks far smaller than the matrix rebuild the same weight and the same error as one piece."""
+    w = llm_like(192, 256, seed=21)
+    q = quantize(w, bits=3, tiling=tiling)
+    whole = q.dequantize()
+    blocks = list(q.row_blocks(3000))
+    assert len(blocks) > 2 and all(b.shape[0] % (64 if tiling == "2D" else 1) == 0 for _, b in blocks[:-1])
+    assert torch.equal(torch.cat([b for _, b in blocks]), whole)
+    assert [r0 for r0, _ in blocks] == list(range(0, 192, blocks[0][1].shape[0]))
+    want = float((w.half().float() - whole).norm() / w.half().float().norm())
+    assert relative_error(w.half(), q) == pytest.approx(want, rel=1e-5)
