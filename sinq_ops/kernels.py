@@ -10,6 +10,8 @@ follow step by step; only float summation order differs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,11 +53,14 @@ def _sinkhorn_kernel(
     step = 0
     go = 1
     while go != 0:
+        # log_r and row_std pass through global scratch between loops, written and read by
+        # different threads: each hand-over needs a barrier on a GPU.
+        tl.debug_barrier()
         inv_c = tl.exp(-log_c)
-        c1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        c2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        r_hi = -_INF
-        r_lo = _INF
+        acc1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        hi = tl.full([BLOCK_R], -_INF, dtype=tl.float32)
+        lo = tl.full([BLOCK_R], _INF, dtype=tl.float32)
         for r in range(0, R, BLOCK_R):
             rows = r + tl.arange(0, BLOCK_R)
             rmask = rows < R
@@ -67,11 +72,16 @@ def _sinkhorn_kernel(
             s2 = tl.sum(xc * xc, 1)
             row_std = inv_r * tl.sqrt(tl.maximum((s2 - s1 * s1 / C) / (C - 1), 0.0))
             tl.store(row_std_ptr + state + rows, row_std, mask=rmask)
-            r_hi = tl.maximum(r_hi, tl.max(tl.where(rmask, row_std, -_INF), 0))
-            r_lo = tl.minimum(r_lo, tl.min(tl.where(rmask, row_std, _INF), 0))
+            hi = tl.maximum(hi, tl.where(rmask, row_std, -_INF))
+            lo = tl.minimum(lo, tl.where(rmask, row_std, _INF))
             xr = x * inv_r[:, None]
-            c1 += tl.sum(xr, 0)
-            c2 += tl.sum(xr * xr, 0)
+            acc1 += xr
+            acc2 += xr * xr
+        # Column sums and the row extremes are reduced across threads once per iteration, not per chunk.
+        c1 = tl.sum(acc1, 0)
+        c2 = tl.sum(acc2, 0)
+        r_hi = tl.max(hi, 0)
+        r_lo = tl.min(lo, 0)
         col_std = inv_c * tl.sqrt(tl.maximum((c2 - c1 * c1 / R) / (R - 1), 0.0))
         c_hi = tl.max(tl.where(cmask, col_std, -_INF), 0)
         c_lo = tl.min(tl.where(cmask, col_std, _INF), 0)
@@ -88,6 +98,7 @@ def _sinkhorn_kernel(
         keep, move = better.to(tl.int32), update.to(tl.int32)
         step_c = tl.log(tl.minimum(tl.maximum(tl.minimum(tl.maximum(col_std, std_min), std_max) / target, step_min), step_max))
         log_c = tl.where(update, tl.minimum(tl.maximum(log_c + step_c, log_min), log_max), log_c)
+        tl.debug_barrier()
         for r in range(0, R, BLOCK_R):
             rows = r + tl.arange(0, BLOCK_R)
             rmask = rows < R
@@ -185,16 +196,25 @@ def sinkhorn_scales(w: Tensor, rows: int, cols: int, iters: int) -> tuple[Tensor
     log_r, best_r = torch.zeros(tiles, rows, **f32), torch.zeros(tiles, rows, **f32)
     row_std, best_c = torch.empty(tiles, rows, **f32), torch.empty(tiles, cols, **f32)
     block_c = triton.next_power_of_2(cols)
-    block_r = min(triton.next_power_of_2(rows), max(8, 8192 // block_c))
+    block_r = min(triton.next_power_of_2(rows), max(8, 4096 // block_c))
     _sinkhorn_kernel[(tiles,)](
         w, log_r, best_r, row_std, best_c,
         k, rows, cols, tiles_per_row, iters,
         sinkhorn._STD_MIN, sinkhorn._STD_MAX, sinkhorn._STEP_MIN, sinkhorn._STEP_MAX,
         sinkhorn._LOG_MIN, sinkhorn._LOG_MAX, sinkhorn._TIE_RTOL,
-        BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
     )
     del log_r, row_std
     return best_r.exp_(), best_c.exp_()
+
+
+@functools.cache
+def _midpoints(name: str, device: torch.device) -> Tensor:
+    """Decision boundaries between codebook levels, made once per device (no copy per call)."""
+    if not name:
+        return torch.zeros(1, device=device)
+    levels = codebook(name)
+    return ((levels[1:] + levels[:-1]) / 2).to(device)
 
 
 def quantize_groups(
@@ -209,8 +229,7 @@ def quantize_groups(
     groups = n * k // g
     spec = PACKINGS[config.bits]
     words = packed_rows(groups, config.bits)
-    levels = codebook(config.codebook_name, w.device) if config.codebook_name else torch.zeros(2, device=w.device)
-    midpoints = ((levels[1:] + levels[:-1]) / 2).contiguous()
+    midpoints = _midpoints(config.codebook_name or "", w.device)
     packed = torch.empty(words, g, dtype=spec.dtype, device=w.device)
     scale = torch.empty(groups, dtype=torch.float32, device=w.device)
     zero = torch.empty(groups, dtype=torch.float32, device=w.device)
@@ -220,6 +239,6 @@ def quantize_groups(
         w, row_scale, col_scale, midpoints, packed, scale, zero,
         k, groups, words, k // g, tile_rows, float(config.max_code), _MIN_RANGE,
         G=g, BLOCK_G=block_g, BLOCK_P=block_p, BITS=spec.bits, PER_WORD=spec.per_word,
-        N_LEVELS=levels.numel() if config.codebook_name else 0,
+        N_LEVELS=midpoints.numel() + 1 if config.codebook_name else 0,
     )
     return packed, scale, zero
