@@ -234,7 +234,9 @@ def quantize_groups(
     scale = torch.empty(groups, dtype=torch.float32, device=w.device)
     zero = torch.empty(groups, dtype=torch.float32, device=w.device)
     block_g = triton.next_power_of_2(g)
-    block_p = max(1, min(triton.next_power_of_2(words), 4096 // block_g))
+    # Ten 3-bit (or five/six-bit) slices per word, or a codebook search, hold more live values: halve the block.
+    heavy = spec.per_word >= 5 or config.codebook_name is not None
+    block_p = max(1, min(triton.next_power_of_2(words), (2048 if heavy else 4096) // block_g))
     _quantize_kernel[(triton.cdiv(words, block_p),)](
         w, row_scale, col_scale, midpoints, packed, scale, zero,
         k, groups, words, k // g, tile_rows, float(config.max_code), _MIN_RANGE,
