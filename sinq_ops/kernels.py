@@ -204,7 +204,6 @@ def sinkhorn_scales(w: Tensor, rows: int, cols: int, iters: int) -> tuple[Tensor
         sinkhorn._LOG_MIN, sinkhorn._LOG_MAX, sinkhorn._TIE_RTOL,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
     )
-    del log_r, row_std
     return best_r.exp_(), best_c.exp_()
 
 

@@ -7,7 +7,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -233,8 +233,14 @@ def _backend(w: Tensor, backend: str) -> str:
     return backend
 
 
-def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, use_sinkhorn: bool):
+def _wants_sinkhorn(config: QuantConfig, tile_rows: int, kurtosis_of: Callable[[Tensor], float], w: Tensor) -> bool:
+    """The reference's gate: Sinkhorn only for multi-row tiles of weights that are not too heavy-tailed."""
+    return config.uses_sinkhorn and tile_rows > 1 and kurtosis_of(w) <= KURTOSIS_GATE
+
+
+def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int):
     """Reference path: sinkhorn.py, rounding.py and packing.py on an fp32 copy of the weight."""
+    use_sinkhorn = _wants_sinkhorn(config, tile_rows, kurtosis, w)
     n, k = w.shape
     g = config.group_size
     tiles = w.to(torch.float16).float().view(n // tile_rows, tile_rows, k // g, g)
@@ -252,13 +258,14 @@ def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, use_sinkhorn: bo
         codes, step, zero = round_uniform(normalised, config.max_code)
     del normalised, tiles
     qweight = packing.pack(codes.reshape(-1, g), config.bits)
-    return qweight, step.squeeze(-1) * row_scale, zero.squeeze(-1), col_scale
+    return qweight, step.squeeze(-1) * row_scale, zero.squeeze(-1), col_scale, use_sinkhorn
 
 
-def _triton_path(w: Tensor, config: QuantConfig, tile_rows: int, use_sinkhorn: bool):
-    """Same results from two kernel launches that read the weight in place, in its own dtype."""
+def _triton_path(w: Tensor, config: QuantConfig, tile_rows: int):
+    """Same results from kernel launches that read the weight in place, in its own dtype."""
     from . import kernels
 
+    use_sinkhorn = _wants_sinkhorn(config, tile_rows, kernels.kurtosis, w)
     n, k = w.shape
     g = config.group_size
     tiles = (n // tile_rows) * (k // g)
@@ -270,7 +277,7 @@ def _triton_path(w: Tensor, config: QuantConfig, tile_rows: int, use_sinkhorn: b
     qweight, group_scale, zero = kernels.quantize_groups(w, row_scale, col_scale, tile_rows, config)
     a, b = n // tile_rows, k // g
     shape = (a, tile_rows, b)
-    return qweight, group_scale.view(shape), zero.view(shape), col_scale.view(a, b, g)
+    return qweight, group_scale.view(shape), zero.view(shape), col_scale.view(a, b, g), use_sinkhorn
 
 
 def quantize(
@@ -290,17 +297,10 @@ def quantize(
     """
     config = QuantConfig(bits=bits, group_size=group_size, tiling=tiling, method=method, aux=aux)
     w = _prepare(weight, config)
-    if _backend(w, backend) == "triton":
-        from . import kernels
-
-        path, kurt = _triton_path, kernels.kurtosis
-    else:
-        path, kurt = _torch_path, kurtosis
+    path = _triton_path if _backend(w, backend) == "triton" else _torch_path
     n, k = w.shape
     g = config.group_size
-    tile_rows = n if tiling == "1D" else g
-    use_sinkhorn = config.uses_sinkhorn and tile_rows > 1 and kurt(w) <= KURTOSIS_GATE
-    qweight, group_scale, zero, col_scale = path(w, config, tile_rows, use_sinkhorn)
+    qweight, group_scale, zero, col_scale, use_sinkhorn = path(w, config, n if tiling == "1D" else g)
 
     if tiling == "1D":
         scale_l, zero_l = group_scale.reshape(-1, 1), zero.reshape(-1, 1)
