@@ -34,39 +34,109 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _sinkhorn_kernel(
-    w_ptr, log_r_ptr, best_r_ptr, row_std_ptr, best_c_ptr,
+def _step(std, target, std_min, std_max, step_min, step_max):
+    """One Sinkhorn update in the log domain: the clamped ratio of a deviation to the tile's target."""
+    return tl.log(tl.minimum(tl.maximum(tl.minimum(tl.maximum(std, std_min), std_max) / target, step_min), step_max))
+
+
+@triton.jit
+def _sinkhorn_resident_kernel(
+    w_ptr, best_r_ptr, best_c_ptr,
     K, R, C, tiles_per_row, iters,
     std_min, std_max, step_min, step_max, log_min, log_max, tie_rtol,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """A whole small tile (2D tiling) read once into registers and balanced there, all steps in one program."""
     t = tl.program_id(0)
-    row0 = (t // tiles_per_row) * R
+    rows = tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
+    rmask = rows < R
     cmask = cols < C
-    col_off = (t % tiles_per_row) * C + cols
-    state = t * R
+    offs = ((t // tiles_per_row) * R + rows).to(tl.int64)[:, None] * K + ((t % tiles_per_row) * C + cols)[None, :]
+    x = tl.load(w_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float16).to(tl.float32)
+    log_r = tl.zeros([BLOCK_R], dtype=tl.float32)
     log_c = tl.zeros([BLOCK_C], dtype=tl.float32)
+    best_r = tl.zeros([BLOCK_R], dtype=tl.float32)
     best_c = tl.zeros([BLOCK_C], dtype=tl.float32)
-    best_imb = 0.0
-    target = 0.0
-    step = 0
+    best_imb = tl.full([], 0.0, dtype=tl.float32)
+    target = tl.full([], 1.0, dtype=tl.float32)
+    step = tl.full([], 0, dtype=tl.int32)
     go = 1
     while go != 0:
-        # log_r and row_std pass through global scratch between loops, written and read by
-        # different threads: each hand-over needs a barrier on a GPU.
-        tl.debug_barrier()
+        inv_r = tl.exp(-log_r)
         inv_c = tl.exp(-log_c)
-        acc1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        hi = tl.full([BLOCK_R], -_INF, dtype=tl.float32)
-        lo = tl.full([BLOCK_R], _INF, dtype=tl.float32)
-        for r in range(0, R, BLOCK_R):
-            rows = r + tl.arange(0, BLOCK_R)
-            rmask = rows < R
+        xc = x * inv_c[None, :]
+        s1 = tl.sum(xc, 1)
+        s2 = tl.sum(xc * xc, 1)
+        row_std = inv_r * tl.sqrt(tl.maximum((s2 - s1 * s1 / C) / (C - 1), 0.0))
+        xr = x * inv_r[:, None]
+        c1 = tl.sum(xr, 0)
+        c2 = tl.sum(xr * xr, 0)
+        col_std = inv_c * tl.sqrt(tl.maximum((c2 - c1 * c1 / R) / (R - 1), 0.0))
+        r_lo = tl.min(tl.where(rmask, row_std, _INF), 0)
+        c_lo = tl.min(tl.where(cmask, col_std, _INF), 0)
+        hi = tl.maximum(tl.max(tl.where(rmask, row_std, -_INF), 0), tl.max(tl.where(cmask, col_std, -_INF), 0))
+        imb = hi / tl.maximum(tl.minimum(r_lo, c_lo), 1e-12)
+        first = step == 0
+        lowest = tl.minimum(tl.minimum(tl.maximum(r_lo, std_min), std_max), tl.minimum(tl.maximum(c_lo, std_min), std_max))
+        target = tl.where(first, lowest + 1e-6, target)
+        better = first | (imb <= best_imb * (1 + tie_rtol))
+        best_imb = tl.where(first, imb, tl.where(better, tl.minimum(imb, best_imb), best_imb))
+        best_r = tl.where(better, log_r, best_r)
+        best_c = tl.where(better, log_c, best_c)
+        update = better & (step < iters)
+        stepped_r = log_r + _step(row_std, target, std_min, std_max, step_min, step_max)
+        stepped_c = log_c + _step(col_std, target, std_min, std_max, step_min, step_max)
+        log_r = tl.where(update, tl.minimum(tl.maximum(stepped_r, log_min), log_max), log_r)
+        log_c = tl.where(update, tl.minimum(tl.maximum(stepped_c, log_min), log_max), log_c)
+        go = update.to(tl.int32)
+        step += 1
+    tl.store(best_r_ptr + t * R + rows, best_r, mask=rmask)
+    tl.store(best_c_ptr + t * C + cols, best_c, mask=cmask)
+
+
+@triton.jit(do_not_specialize=["step"])
+def _sinkhorn_rows_kernel(
+    w_ptr, log_r_ptr, best_r_ptr, row_std_ptr, log_c_ptr, flags_ptr, target_ptr, part_ptr, ext_ptr,
+    K, R, C, tiles_per_row, chunks, chunk_rows, step,
+    std_min, std_max, step_min, step_max, log_min, log_max,
+    STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """A block of rows of one tile: carry out the previous step's row decisions, then (``STATS``)
+    sum the tile's columns over these rows and record the rows' deviations and extremes."""
+    t = tl.program_id(0)
+    ch = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    row0 = (t // tiles_per_row) * R
+    col_off = (t % tiles_per_row) * C + cols
+    state = t * R
+    keep = tl.load(flags_ptr + 2 * t)
+    move = tl.load(flags_ptr + 2 * t + 1)
+    target = tl.load(target_ptr + t)
+    start = ch * chunk_rows
+    end = tl.minimum(start + chunk_rows, R)
+    # Stats are due on the first step and after every update; a stopped tile's loop is empty.
+    todo = tl.maximum(tl.maximum(keep, move), (step == 0).to(tl.int32))
+    inv_c = tl.exp(-tl.load(log_c_ptr + t * C + cols, mask=cmask, other=0.0))
+    acc1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    hi = tl.full([BLOCK_R], -_INF, dtype=tl.float32)
+    lo = tl.full([BLOCK_R], _INF, dtype=tl.float32)
+    for r in range(start, start + (end - start) * todo, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        rmask = rows < end
+        log_r = tl.load(log_r_ptr + state + rows, mask=rmask, other=0.0)
+        tl.store(best_r_ptr + state + rows, log_r, mask=rows < end * keep)
+        moved = rows < end * move
+        row_std = tl.load(row_std_ptr + state + rows, mask=moved, other=1.0)
+        stepped = log_r + _step(row_std, target, std_min, std_max, step_min, step_max)
+        log_r = tl.where(moved, tl.minimum(tl.maximum(stepped, log_min), log_max), log_r)
+        tl.store(log_r_ptr + state + rows, log_r, mask=moved)
+        if STATS:
             offs = (row0 + rows).to(tl.int64)[:, None] * K + col_off[None, :]
             x = tl.load(w_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float16).to(tl.float32)
-            inv_r = tl.exp(-tl.load(log_r_ptr + state + rows, mask=rmask, other=0.0))
+            inv_r = tl.exp(-log_r)
             xc = x * inv_c[None, :]
             s1 = tl.sum(xc, 1)
             s2 = tl.sum(xc * xc, 1)
@@ -77,39 +147,59 @@ def _sinkhorn_kernel(
             xr = x * inv_r[:, None]
             acc1 += xr
             acc2 += xr * xr
-        # Column sums and the row extremes are reduced across threads once per iteration, not per chunk.
-        c1 = tl.sum(acc1, 0)
-        c2 = tl.sum(acc2, 0)
-        r_hi = tl.max(hi, 0)
-        r_lo = tl.min(lo, 0)
-        col_std = inv_c * tl.sqrt(tl.maximum((c2 - c1 * c1 / R) / (R - 1), 0.0))
-        c_hi = tl.max(tl.where(cmask, col_std, -_INF), 0)
-        c_lo = tl.min(tl.where(cmask, col_std, _INF), 0)
-        imb = tl.maximum(r_hi, c_hi) / tl.maximum(tl.minimum(r_lo, c_lo), 1e-12)
+    if STATS:
+        # Column sums and row extremes are reduced across threads once per program, not per block of rows.
+        part = (t * chunks + ch) * 2 * C
+        tl.store(part_ptr + part + cols, tl.sum(acc1, 0), mask=cmask)
+        tl.store(part_ptr + part + C + cols, tl.sum(acc2, 0), mask=cmask)
+        tl.store(ext_ptr + (t * chunks + ch) * 2, tl.max(hi, 0))
+        tl.store(ext_ptr + (t * chunks + ch) * 2 + 1, tl.min(lo, 0))
 
-        first = tl.full([], step, tl.int32) == 0
-        lowest = tl.minimum(tl.minimum(tl.maximum(r_lo, std_min), std_max), tl.minimum(tl.maximum(c_lo, std_min), std_max))
-        target = tl.where(first, lowest + 1e-6, target)
-        better = first | (imb <= best_imb * (1 + tie_rtol))
-        best_imb = tl.where(first, imb, tl.where(better, tl.minimum(imb, best_imb), best_imb))
-        best_c = tl.where(better, log_c, best_c)
-        update = better & (step < iters)
-        # Stores below are masked by rows < R * flag (flag 0 or 1): the same row mask, switched off per tile.
-        keep, move = better.to(tl.int32), update.to(tl.int32)
-        step_c = tl.log(tl.minimum(tl.maximum(tl.minimum(tl.maximum(col_std, std_min), std_max) / target, step_min), step_max))
-        log_c = tl.where(update, tl.minimum(tl.maximum(log_c + step_c, log_min), log_max), log_c)
-        tl.debug_barrier()
-        for r in range(0, R, BLOCK_R):
-            rows = r + tl.arange(0, BLOCK_R)
-            rmask = rows < R
-            log_r = tl.load(log_r_ptr + state + rows, mask=rmask, other=0.0)
-            tl.store(best_r_ptr + state + rows, log_r, mask=rows < R * keep)
-            row_std = tl.load(row_std_ptr + state + rows, mask=rmask, other=1.0)
-            step_r = tl.log(tl.minimum(tl.maximum(tl.minimum(tl.maximum(row_std, std_min), std_max) / target, step_min), step_max))
-            tl.store(log_r_ptr + state + rows, tl.minimum(tl.maximum(log_r + step_r, log_min), log_max), mask=rows < R * move)
-        go = move
-        step += 1
-    tl.store(best_c_ptr + t * C + cols, best_c, mask=cmask)
+
+@triton.jit(do_not_specialize=["step"])
+def _sinkhorn_tile_kernel(
+    log_c_ptr, best_c_ptr, flags_ptr, target_ptr, best_imb_ptr, part_ptr, ext_ptr,
+    R, C, chunks, step, iters,
+    std_min, std_max, step_min, step_max, log_min, log_max, tie_rtol,
+    BLOCK_C: tl.constexpr,
+):
+    """One tile's decision for this step from its row blocks' partial sums: score the scaling,
+    keep it if it is no worse than the best so far, and move the column scales if going on."""
+    t = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    first = step == 0
+    live = tl.maximum(tl.load(flags_ptr + 2 * t + 1), first.to(tl.int32))
+    c1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    c2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    r_hi = tl.full([], -_INF, dtype=tl.float32)
+    r_lo = tl.full([], _INF, dtype=tl.float32)
+    for ch in range(0, chunks * live):
+        part = (t * chunks + ch) * 2 * C
+        c1 += tl.load(part_ptr + part + cols, mask=cmask, other=0.0)
+        c2 += tl.load(part_ptr + part + C + cols, mask=cmask, other=0.0)
+        r_hi = tl.maximum(r_hi, tl.load(ext_ptr + (t * chunks + ch) * 2))
+        r_lo = tl.minimum(r_lo, tl.load(ext_ptr + (t * chunks + ch) * 2 + 1))
+    log_c = tl.load(log_c_ptr + t * C + cols, mask=cmask, other=0.0)
+    col_std = tl.exp(-log_c) * tl.sqrt(tl.maximum((c2 - c1 * c1 / R) / (R - 1), 0.0))
+    c_hi = tl.max(tl.where(cmask, col_std, -_INF), 0)
+    c_lo = tl.min(tl.where(cmask, col_std, _INF), 0)
+    imb = tl.maximum(r_hi, c_hi) / tl.maximum(tl.minimum(r_lo, c_lo), 1e-12)
+    lowest = tl.minimum(tl.minimum(tl.maximum(r_lo, std_min), std_max), tl.minimum(tl.maximum(c_lo, std_min), std_max))
+    target = tl.where(first, lowest + 1e-6, tl.load(target_ptr + t))
+    best_imb = tl.load(best_imb_ptr + t)
+    better = first | (imb <= best_imb * (1 + tie_rtol))
+    best_imb = tl.where(first, imb, tl.where(better, tl.minimum(imb, best_imb), best_imb))
+    keep = better.to(tl.int32) * live
+    move = (better & (step < iters)).to(tl.int32) * live
+    # Stores are masked by cols < C * flag (flag 0 or 1): the column mask, switched off per tile.
+    tl.store(best_c_ptr + t * C + cols, log_c, mask=cols < C * keep)
+    stepped = log_c + _step(col_std, target, std_min, std_max, step_min, step_max)
+    tl.store(log_c_ptr + t * C + cols, tl.minimum(tl.maximum(stepped, log_min), log_max), mask=cols < C * move)
+    tl.store(flags_ptr + 2 * t, keep)
+    tl.store(flags_ptr + 2 * t + 1, move)
+    tl.store(target_ptr + t, target)
+    tl.store(best_imb_ptr + t, tl.where(live != 0, best_imb, tl.load(best_imb_ptr + t)))
 
 
 @triton.jit
@@ -158,52 +248,115 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _moments_kernel(w_ptr, out_ptr, numel, mean, CENTRAL: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _stats_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """One block's extremes and NaN count (raw values) and its mean and central moments 2-4 (fp16-rounded)."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
-    x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float16).to(tl.float32)
-    if CENTRAL:
-        d = tl.where(mask, x - mean, 0.0)
-        sq = d * d
-        tl.store(out_ptr + 2 * tl.program_id(0), tl.sum(sq, 0))
-        tl.store(out_ptr + 2 * tl.program_id(0) + 1, tl.sum(sq * sq, 0))
-    else:
-        tl.store(out_ptr + 2 * tl.program_id(0), tl.sum(x, 0))
-        tl.store(out_ptr + 2 * tl.program_id(0) + 1, 0.0)
+    raw = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = raw.to(tl.float16).to(tl.float32)
+    mean = tl.sum(x, 0) / tl.minimum(numel - start, BLOCK).to(tl.float32)
+    d = tl.where(mask, x - mean, 0.0)
+    d2 = d * d
+    out = out_ptr + 7 * tl.program_id(0)
+    tl.store(out, mean)
+    tl.store(out + 1, tl.sum(d2, 0))
+    tl.store(out + 2, tl.sum(d2 * d, 0))
+    tl.store(out + 3, tl.sum(d2 * d2, 0))
+    tl.store(out + 4, tl.min(tl.where(mask, raw, _INF), 0))
+    tl.store(out + 5, tl.max(tl.where(mask, raw, -_INF), 0))
+    tl.store(out + 6, tl.sum(tl.where(mask & (raw != raw), 1.0, 0.0), 0))
 
 
-def kurtosis(w: Tensor) -> float:
-    """:func:`sinq_ops.sinkhorn.kurtosis` in two reads of the weight: its mean, then the central moments."""
+def weight_stats(w: Tensor) -> tuple[float, float, float]:
+    """Smallest and largest value (NaN if any value is NaN) and :func:`sinq_ops.sinkhorn.kurtosis`,
+    all from one read of the weight.
+
+    Blocks' central moments are combined about the overall mean in float64 (exact shifts, no
+    cancellation between raw moments).
+    """
     block = 4096
-    programs = triton.cdiv(w.numel(), block)
-    partial = torch.empty(programs, 2, dtype=torch.float32, device=w.device)
-    _moments_kernel[(programs,)](w, partial, w.numel(), 0.0, CENTRAL=False, BLOCK=block)
-    mean = float(partial[:, 0].double().sum()) / w.numel()
-    _moments_kernel[(programs,)](w, partial, w.numel(), mean, CENTRAL=True, BLOCK=block)
-    var, fourth = (partial.double().sum(0) / w.numel()).tolist()
-    return fourth / (var * var) if var > 0 else 0.0
+    numel = w.numel()
+    programs = triton.cdiv(numel, block)
+    part = torch.empty(programs, 7, dtype=torch.float32, device=w.device)
+    _stats_kernel[(programs,)](w, part, numel, BLOCK=block)
+    p = part.double()
+    counts = torch.full((programs,), float(block), dtype=torch.float64, device=w.device)
+    counts[-1] = numel - (programs - 1) * block
+    mean = (counts * p[:, 0]).sum() / numel
+    delta = p[:, 0] - mean
+    m2 = (p[:, 1] + counts * delta**2).sum()
+    m4 = (p[:, 3] + 4 * delta * p[:, 2] + 6 * delta**2 * p[:, 1] + counts * delta**4).sum()
+    summary = torch.stack([p[:, 4].min(), p[:, 5].max(), p[:, 6].sum(), m2 / numel, m4 / numel])
+    lo, hi, nans, var, fourth = summary.tolist()
+    return (float("nan") if nans else lo), hi, (fourth / (var * var) if var > 0 else 0.0)
 
 
-def sinkhorn_scales(w: Tensor, rows: int, cols: int, iters: int) -> tuple[Tensor, Tensor]:
+# Tiles up to this many (padded) elements stay in one program's registers for all their steps.
+_RESIDENT_ELEMENTS = 16384
+# Row blocks a Sinkhorn program takes on CUDA: enough programs to keep every SM streaming.
+_PROGRAMS_PER_SM = 8
+
+
+def _rows_per_program(w: Tensor, rows: int, tiles: int, block_r: int) -> int:
+    blocks = triton.cdiv(rows, block_r)
+    if not w.is_cuda:
+        return blocks * block_r  # the interpreter runs programs one after another: one per tile
+    programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(w.device).multi_processor_count
+    return min(blocks, triton.cdiv(blocks * tiles, programs)) * block_r
+
+
+def sinkhorn_scales(
+    w: Tensor, rows: int, cols: int, iters: int, rows_per_program: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Row scales ``[tiles, rows]`` and column scales ``[tiles, cols]`` of the ``rows x cols`` tiles of ``w``.
 
     Tiles are numbered row-major over the tile grid, as in :func:`sinq_ops.sinkhorn.sinkhorn_scales`.
+    A small tile (2D tiling) is read once and balanced in one program's registers. A tall tile (1D)
+    takes two launches a step: its row blocks in parallel, each a pass over its part of the weight,
+    then one program to decide. Tiles stop on the device; the host never waits. ``rows_per_program``
+    sets how tall tiles are split, and streams even small ones.
     """
     n, k = w.shape
     tiles_per_row = k // cols
     tiles = (n // rows) * tiles_per_row
-    f32 = dict(dtype=torch.float32, device=w.device)
-    log_r, best_r = torch.zeros(tiles, rows, **f32), torch.zeros(tiles, rows, **f32)
-    row_std, best_c = torch.empty(tiles, rows, **f32), torch.empty(tiles, cols, **f32)
     block_c = triton.next_power_of_2(cols)
+    bounds = (sinkhorn._STD_MIN, sinkhorn._STD_MAX, sinkhorn._STEP_MIN, sinkhorn._STEP_MAX,
+              sinkhorn._LOG_MIN, sinkhorn._LOG_MAX)
+    f32 = dict(dtype=torch.float32, device=w.device)
+    resident = triton.next_power_of_2(rows) * block_c
+    if rows_per_program is None and resident <= _RESIDENT_ELEMENTS:
+        best_r, best_c = torch.empty(tiles, rows, **f32), torch.empty(tiles, cols, **f32)
+        _sinkhorn_resident_kernel[(tiles,)](
+            w, best_r, best_c, k, rows, cols, tiles_per_row, iters, *bounds, sinkhorn._TIE_RTOL,
+            BLOCK_R=triton.next_power_of_2(rows), BLOCK_C=block_c, num_warps=min(16, max(4, resident // 512)),
+        )
+        return best_r.exp_(), best_c.exp_()
     block_r = min(triton.next_power_of_2(rows), max(8, 4096 // block_c))
-    _sinkhorn_kernel[(tiles,)](
-        w, log_r, best_r, row_std, best_c,
-        k, rows, cols, tiles_per_row, iters,
-        sinkhorn._STD_MIN, sinkhorn._STD_MAX, sinkhorn._STEP_MIN, sinkhorn._STEP_MAX,
-        sinkhorn._LOG_MIN, sinkhorn._LOG_MAX, sinkhorn._TIE_RTOL,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
-    )
+    chunk_rows = rows_per_program or _rows_per_program(w, rows, tiles, block_r)
+    if chunk_rows % block_r:
+        raise ValueError(f"rows_per_program={chunk_rows} must be a multiple of {block_r}")
+    chunks = triton.cdiv(rows, chunk_rows)
+    log_r, best_r, row_std = (torch.zeros(tiles, rows, **f32) for _ in range(3))
+    log_c, best_c = torch.zeros(tiles, cols, **f32), torch.zeros(tiles, cols, **f32)
+    target, best_imb = torch.ones(tiles, **f32), torch.zeros(tiles, **f32)
+    flags = torch.zeros(tiles, 2, dtype=torch.int32, device=w.device)  # keep, move: the last decision
+    part, ext = torch.empty(tiles, chunks, 2, cols, **f32), torch.empty(tiles, chunks, 2, **f32)
+
+    def rows_pass(step: int, stats: bool) -> None:
+        _sinkhorn_rows_kernel[(tiles, chunks)](
+            w, log_r, best_r, row_std, log_c, flags, target, part, ext,
+            k, rows, cols, tiles_per_row, chunks, chunk_rows, step, *bounds,
+            STATS=stats, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+        )
+
+    for step in range(iters + 1):
+        rows_pass(step, True)
+        _sinkhorn_tile_kernel[(tiles,)](
+            log_c, best_c, flags, target, best_imb, part, ext,
+            rows, cols, chunks, step, iters, *bounds, sinkhorn._TIE_RTOL, BLOCK_C=block_c,
+        )
+    rows_pass(iters + 1, False)  # the last decision's row scales
     return best_r.exp_(), best_c.exp_()
 
 

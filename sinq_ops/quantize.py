@@ -203,12 +203,15 @@ def _prepare(weight: Tensor, config: QuantConfig) -> Tensor:
         raise ValueError(f"group_size={g} does not divide in_features={k}")
     if config.tiling == "2D" and n % g:
         raise ValueError(f"2D tiling needs group_size={g} to divide out_features={n} too")
-    lo, hi = (float(v) for v in torch.aminmax(weight))  # one pass; NaN and Inf propagate
+    return weight.contiguous()
+
+
+def _check_range(lo: float, hi: float) -> None:
+    """Each path finds the weight's extremes in its own first read; NaN and Inf must not get past it."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("weight contains NaN or Inf")
     if max(-lo, hi) > _FP16_MAX:
         raise ValueError(f"weight has values beyond the fp16 range (|w| > {_FP16_MAX:g})")
-    return weight.contiguous()
 
 
 BACKENDS = ("auto", "torch", "triton")
@@ -233,14 +236,15 @@ def _backend(w: Tensor, backend: str) -> str:
     return backend
 
 
-def _wants_sinkhorn(config: QuantConfig, tile_rows: int, kurtosis_of: Callable[[Tensor], float], w: Tensor) -> bool:
+def _wants_sinkhorn(config: QuantConfig, tile_rows: int, kurtosis_of: Callable[[], float]) -> bool:
     """The reference's gate: Sinkhorn only for multi-row tiles of weights that are not too heavy-tailed."""
-    return config.uses_sinkhorn and tile_rows > 1 and kurtosis_of(w) <= KURTOSIS_GATE
+    return config.uses_sinkhorn and tile_rows > 1 and kurtosis_of() <= KURTOSIS_GATE
 
 
 def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int):
     """Reference path: sinkhorn.py, rounding.py and packing.py on an fp32 copy of the weight."""
-    use_sinkhorn = _wants_sinkhorn(config, tile_rows, kurtosis, w)
+    _check_range(*(float(v) for v in torch.aminmax(w)))  # NaN and Inf propagate
+    use_sinkhorn = _wants_sinkhorn(config, tile_rows, lambda: kurtosis(w))
     n, k = w.shape
     g = config.group_size
     tiles = w.to(torch.float16).float().view(n // tile_rows, tile_rows, k // g, g)
@@ -265,7 +269,9 @@ def _triton_path(w: Tensor, config: QuantConfig, tile_rows: int):
     """Same results from kernel launches that read the weight in place, in its own dtype."""
     from . import kernels
 
-    use_sinkhorn = _wants_sinkhorn(config, tile_rows, kernels.kurtosis, w)
+    lo, hi, kurt = kernels.weight_stats(w)
+    _check_range(lo, hi)
+    use_sinkhorn = _wants_sinkhorn(config, tile_rows, lambda: kurt)
     n, k = w.shape
     g = config.group_size
     tiles = (n // tile_rows) * (k // g)

@@ -89,25 +89,43 @@ def test_gated_matrix_skips_sinkhorn_on_both_paths(interpret: None) -> None:
     assert not quantize(w.to(DEVICE), backend="triton").sinkhorn_applied
 
 
-@pytest.mark.parametrize("tiling", ["1D", "2D"])
-def test_sinkhorn_kernel_matches_torch_scales(interpret: None, tiling: str) -> None:
-    w = llm_like(192, 256, seed=13).half()
+@pytest.mark.parametrize("n, tiling, per_program", [
+    (300, "1D", None), (300, "1D", 128), (300, "1D", 64), (48, "1D", None), (192, "2D", None), (192, "2D", 64),
+])
+def test_sinkhorn_kernel_matches_torch_scales(interpret: None, n: int, tiling: str, per_program: int | None) -> None:
+    """Tall tiles streamed in row blocks (split over several programs, the last one partly filled)
+    and small tiles kept in registers."""
     g = 64
-    rows = 192 if tiling == "1D" else g
-    tiles = w.float().view(192 // rows, rows, 256 // g, g)
+    w = llm_like(n, 256, seed=13).half()
+    rows = n if tiling == "1D" else g
+    tiles = w.float().view(n // rows, rows, 256 // g, g)
     want_r, want_c = sinkhorn_scales(tiles, 16)
-    got_r, got_c = kernels.sinkhorn_scales(w.to(DEVICE), rows, g, 16)
+    got_r, got_c = kernels.sinkhorn_scales(w.to(DEVICE), rows, g, 16, rows_per_program=per_program)
     a, b = tiles.shape[0], tiles.shape[2]
     torch.testing.assert_close(got_r.cpu(), want_r.permute(0, 2, 1).reshape(a * b, rows), rtol=1e-4, atol=0)
     torch.testing.assert_close(got_c.cpu(), want_c.reshape(a * b, g), rtol=1e-4, atol=0)
     assert not torch.allclose(want_c, torch.ones_like(want_c))  # the tiles were really rescaled
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kurtosis_kernel_matches_torch(interpret: None, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_weight_stats_kernel_matches_torch(interpret: None, dtype: torch.dtype) -> None:
     for w in (llm_like(96, 4100, seed=15), heavy_tailed(64, 4096, seed=16) + 0.3):  # partial block; non-zero mean
         w = w.to(dtype)
-        assert kernels.kurtosis(w.to(DEVICE)) == pytest.approx(kurtosis(w), rel=1e-4)
+        lo, hi, kurt = kernels.weight_stats(w.to(DEVICE))
+        assert (lo, hi) == tuple(float(v) for v in torch.aminmax(w))
+        assert kurt == pytest.approx(kurtosis(w), rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, running the kernel on the CPU, warns on NaN and Inf
+@pytest.mark.parametrize("bad, message", [
+    (float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"), (-float("inf"), "NaN or Inf"), (7e4, "fp16 range"),
+])
+def test_triton_path_rejects_what_the_torch_path_rejects(interpret: None, bad: float, message: str) -> None:
+    w = llm_like(64, 4160, seed=17)
+    w[50, 4150] = bad  # in the last, partly filled block of the statistics kernel
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=message):
+            quantize(w.to(DEVICE), backend=backend)
 
 
 def test_backend_errors_name_the_option() -> None:
@@ -121,7 +139,7 @@ def test_backend_errors_name_the_option() -> None:
 
 
 def test_kernels_compile_for_h100(tmp_path: Path) -> None:
-    """Triton's compiler (not the interpreter) builds both kernels to sm_90 machine code."""
+    """Triton's compiler (not the interpreter) builds every kernel to sm_90 machine code."""
     script = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
@@ -131,16 +149,28 @@ def test_kernels_compile_for_h100(tmp_path: Path) -> None:
 
         def hinted(fn, sig, consts):
             # What the JIT assumes for 16-aligned pointers and integers that are multiples of 16.
-            plain = {"iters", "groups", "words", "numel"}
+            plain = {"iters", "groups", "words", "numel", "chunks", "step"}
             attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
                      if t[0] in "*i" and n not in plain}
             return ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-        f32 = ["std_min", "std_max", "step_min", "step_max", "log_min", "log_max", "tie_rtol"]
+        bounds = {n: "fp32" for n in ["std_min", "std_max", "step_min", "step_max", "log_min", "log_max"]}
         sig = {"w_ptr": "*fp16", "log_r_ptr": "*fp32", "best_r_ptr": "*fp32", "row_std_ptr": "*fp32",
-               "best_c_ptr": "*fp32", "K": "i32", "R": "i32", "C": "i32", "tiles_per_row": "i32", "iters": "i32",
-               **{n: "fp32" for n in f32}, "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
-        src = hinted(kernels._sinkhorn_kernel, sig, {"BLOCK_R": 64, "BLOCK_C": 64})
-        print("sinkhorn", len(triton.compile(src, target=target, options={"num_warps": 8}).asm["cubin"]))
+               "log_c_ptr": "*fp32", "flags_ptr": "*i32", "target_ptr": "*fp32", "part_ptr": "*fp32",
+               "ext_ptr": "*fp32", "K": "i32", "R": "i32", "C": "i32", "tiles_per_row": "i32", "chunks": "i32",
+               "chunk_rows": "i32", "step": "i32", **bounds,
+               "STATS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+        src = hinted(kernels._sinkhorn_rows_kernel, sig, {"STATS": True, "BLOCK_R": 64, "BLOCK_C": 64})
+        print("rows", len(triton.compile(src, target=target, options={"num_warps": 8}).asm["cubin"]))
+        sig = {"log_c_ptr": "*fp32", "best_c_ptr": "*fp32", "flags_ptr": "*i32", "target_ptr": "*fp32",
+               "best_imb_ptr": "*fp32", "part_ptr": "*fp32", "ext_ptr": "*fp32", "R": "i32", "C": "i32",
+               "chunks": "i32", "step": "i32", "iters": "i32", **bounds, "tie_rtol": "fp32", "BLOCK_C": "constexpr"}
+        src = hinted(kernels._sinkhorn_tile_kernel, sig, {"BLOCK_C": 64})
+        print("tile", len(triton.compile(src, target=target).asm["cubin"]))
+        sig = {"w_ptr": "*bf16", "best_r_ptr": "*fp32", "best_c_ptr": "*fp32", "K": "i32", "R": "i32", "C": "i32",
+               "tiles_per_row": "i32", "iters": "i32", **bounds, "tie_rtol": "fp32",
+               "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+        src = hinted(kernels._sinkhorn_resident_kernel, sig, {"BLOCK_R": 64, "BLOCK_C": 64})
+        print("resident", len(triton.compile(src, target=target, options={"num_warps": 8}).asm["cubin"]))
         sig = {"w_ptr": "*fp16", "r_ptr": "*fp32", "c_ptr": "*fp32", "mid_ptr": "*fp32", "packed_ptr": "*u8",
                "scale_ptr": "*fp32", "zero_ptr": "*fp32", "K": "i32", "groups": "i32", "words": "i32",
                "tiles_per_row": "i32", "R": "i32", "max_code": "fp32", "min_range": "fp32"}
@@ -148,14 +178,14 @@ def test_kernels_compile_for_h100(tmp_path: Path) -> None:
         sig.update({name: "constexpr" for name in consts})
         src = hinted(kernels._quantize_kernel, sig, consts)
         print("quantize", len(triton.compile(src, target=target).asm["cubin"]))
-        sig = {"w_ptr": "*bf16", "out_ptr": "*fp32", "numel": "i64", "mean": "fp32", "CENTRAL": "constexpr",
-               "BLOCK": "constexpr"}
-        src = hinted(kernels._moments_kernel, sig, {"CENTRAL": True, "BLOCK": 4096})
-        print("moments", len(triton.compile(src, target=target).asm["cubin"]))
+        sig = {"w_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i64", "BLOCK": "constexpr"}
+        src = hinted(kernels._stats_kernel, sig, {"BLOCK": 4096})
+        print("stats", len(triton.compile(src, target=target).asm["cubin"]))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     sizes = dict(line.split() for line in out.stdout.splitlines())
-    assert int(sizes["sinkhorn"]) > 0 and int(sizes["quantize"]) > 0 and int(sizes["moments"]) > 0
+    assert set(sizes) == {"rows", "tile", "resident", "quantize", "stats"}
+    assert all(int(size) > 0 for size in sizes.values())
