@@ -17,6 +17,10 @@ from .sources import Source
 # A decoder layer: "model.layers.12.", "model.language_model.layers.3.", "transformer.h.7.", ...
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.(\d+))\.")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# GPU memory the Triton path allocates per byte of a weight's fp16 size (outputs and scratch; at most
+# 0.54 in bench/kernel_memory.py), and the error check's float32 row blocks.
+GPU_WORK_PER_FP16_BYTE = 0.6
+_ERROR_BLOCKS = 128 << 20
 
 
 class PlanError(ValueError):
@@ -88,14 +92,20 @@ class Plan:
     def quantized(self) -> list[TensorTask]:
         return [t for u in self.units for t in u.tasks if t.quantize]
 
-    def worker_memory_bytes(self) -> int:
-        """Peak host/GPU memory of one worker: a unit's source tensors plus the fp32 working
-        copies of its largest tensor (the weight, its square, the normalised tiles, codes)."""
+    def worker_memory_bytes(self, gpu: bool = False) -> int:
+        """Peak host memory of one worker: a unit's source and output tensors, plus on a CPU worker
+        the fp32 working copies of its largest tensor (the weight, its square, the normalised tiles, codes)."""
         peak = 0
         for u in self.units:
             largest = max((t.info.nbytes // t.info.itemsize for t in u.tasks if t.quantize), default=0)
-            peak = max(peak, u.in_bytes + u.out_bytes + 16 * largest)
+            peak = max(peak, u.in_bytes + u.out_bytes + (0 if gpu else 16 * largest))
         return peak
+
+    def gpu_memory_bytes(self) -> int:
+        """Peak GPU memory of one GPU worker, its CUDA context aside: the largest weight on the device,
+        what the kernels allocate for it, and the error check's unpacked codes (a byte per weight) and row blocks."""
+        sizes = [(t.info.nbytes, t.info.nbytes // t.info.itemsize) for t in self.quantized]
+        return max((b + int(GPU_WORK_PER_FP16_BYTE * 2 * n) + n for b, n in sizes), default=0) + _ERROR_BLOCKS
 
     def describe(self) -> str:
         gb = 1e9
@@ -109,7 +119,9 @@ class Plan:
             f"size          {self.in_bytes / gb:.3f} GB in -> {self.out_bytes / gb:.3f} GB out "
             f"({self.in_bytes / max(self.out_bytes, 1):.2f}x smaller)",
             f"shards        {len(self.shards)} (max {self.max_shard_size / gb:.2f} GB each)",
-            f"worker memory {self.worker_memory_bytes() / gb:.3f} GB peak per worker",
+            f"worker memory {self.worker_memory_bytes() / gb:.3f} GB peak per CPU worker; per GPU worker "
+            f"{self.worker_memory_bytes(gpu=True) / gb:.3f} GB host, {self.gpu_memory_bytes() / gb:.3f} GB GPU "
+            "(plus its CUDA context)",
             f"not converted {', '.join(self.not_converted) or '-'}",
             f"assets        {', '.join(self.assets) or '-'}",
             "",

@@ -104,8 +104,8 @@ def _sinkhorn_rows_kernel(
 ):
     """A block of rows of one tile: carry out the previous step's row decisions, then (``STATS``)
     sum the tile's columns over these rows and record the rows' deviations and extremes."""
-    t = tl.program_id(0)
-    ch = tl.program_id(1)
+    t = tl.program_id(0) // chunks
+    ch = tl.program_id(0) % chunks
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     row0 = (t // tiles_per_row) * R
@@ -344,7 +344,7 @@ def sinkhorn_scales(
     part, ext = torch.empty(tiles, chunks, 2, cols, **f32), torch.empty(tiles, chunks, 2, **f32)
 
     def rows_pass(step: int, stats: bool) -> None:
-        _sinkhorn_rows_kernel[(tiles, chunks)](
+        _sinkhorn_rows_kernel[(tiles * chunks,)](
             w, log_r, best_r, row_std, log_c, flags, target, part, ext,
             k, rows, cols, tiles_per_row, chunks, chunk_rows, step, *bounds,
             STATS=stats, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch.profiler import ProfilerActivity, profile
+
 from matrices import heavy_tailed, llm_like
+from pipeline.plan import GPU_WORK_PER_FP16_BYTE
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
@@ -126,6 +129,27 @@ def test_triton_path_rejects_what_the_torch_path_rejects(interpret: None, bad: f
     for backend in ("torch", "triton"):
         with pytest.raises(ValueError, match=message):
             quantize(w.to(DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4), QuantConfig(bits=3, group_size=128), QuantConfig(bits=4, tiling="2D")],
+                         ids=lambda c: f"{c.bits}b-g{c.group_size}-{c.tiling}")
+def test_triton_path_allocates_within_the_planned_gpu_memory(interpret: None, cfg: QuantConfig) -> None:
+    """What the planner budgets per GPU worker (``--dry-run``) covers what the kernels' path allocates."""
+    w = llm_like(256, 768, seed=18).half().to(DEVICE)
+    quantize(w, **cfg.to_dict(), backend="triton")  # warm caches outside the measurement
+    if ON_GPU:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        quantize(w, **cfg.to_dict(), backend="triton")
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            quantize(w, **cfg.to_dict(), backend="triton")
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        peak = int(torch.tensor([e.nbytes() for e in events]).cumsum(0).max())
+    assert 0 < peak <= GPU_WORK_PER_FP16_BYTE * w.numel() * 2
 
 
 def test_backend_errors_name_the_option() -> None:

@@ -24,6 +24,7 @@ def test_llama_70b_plans_at_full_scale_without_generating_data() -> None:
     assert 140e9 < plan.in_bytes < 142e9  # 70.6B parameters in bf16
     layer = next(u for u in plan.units if u.name == "model.layers.0")
     assert {t.info.shape for t in layer.tasks if t.quantize} == {(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)}
+    assert 4 * (plan.gpu_memory_bytes() + 0.5e9) < 24e9  # four GPU workers, CUDA contexts included, fit a 24 GB card
 
 
 def test_tiny_synthetic_job_is_deterministic_and_quantizes_the_generated_weights(tmp_path: Path) -> None:
