@@ -1,11 +1,12 @@
-"""Triton kernels for SINQ: one launch balances every tile, one more quantizes and packs.
+"""Triton kernels for SINQ: value checks and kurtosis, Sinkhorn balancing, quantize-and-pack.
 
 The weight is read in its own dtype, rounded to fp16 in registers (as the reference rounds it)
-and never copied, so the extra memory while quantizing is the outputs plus a few floats per group. Each Sinkhorn program owns one tile and runs all of
-its iterations, including the stop rule, without returning to the host; the quantize program
-owns a block of packed rows and writes them in the reference layout directly.
-The torch functions in ``sinkhorn``, ``rounding`` and ``packing`` are the specification these
-follow step by step; only float summation order differs.
+and never copied, so the extra memory while quantizing is the outputs plus a few floats per group.
+A small tile is balanced by one program holding it in registers; a tall tile's rows are spread over
+many programs, and each step ends in a per-tile decision kernel, so the stop rule runs on the device
+and the host only queues launches. Each quantize program owns a block of packed rows and writes them
+in the reference layout directly. The torch functions in ``sinkhorn``, ``rounding`` and ``packing``
+are the specification these follow step by step; only float summation order differs.
 """
 
 from __future__ import annotations
@@ -97,13 +98,17 @@ def _sinkhorn_resident_kernel(
 
 @triton.jit(do_not_specialize=["step"])
 def _sinkhorn_rows_kernel(
-    w_ptr, log_r_ptr, best_r_ptr, row_std_ptr, log_c_ptr, flags_ptr, target_ptr, part_ptr, ext_ptr,
+    w_ptr, log_r_ptr, log_r_out_ptr, best_r_ptr, row_std_ptr, row_std_out_ptr,
+    log_c_ptr, flags_ptr, target_ptr, part_ptr, ext_ptr,
     K, R, C, tiles_per_row, chunks, chunk_rows, step,
     std_min, std_max, step_min, step_max, log_min, log_max,
     STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """A block of rows of one tile: carry out the previous step's row decisions, then (``STATS``)
-    sum the tile's columns over these rows and record the rows' deviations and extremes."""
+    sum the tile's columns over these rows and record the rows' deviations and extremes.
+
+    Row state is read from one buffer and written to another (they swap every step): a value one
+    thread stores can then never reach another thread's load of the old value in the same launch."""
     t = tl.program_id(0) // chunks
     ch = tl.program_id(0) % chunks
     cols = tl.arange(0, BLOCK_C)
@@ -132,7 +137,7 @@ def _sinkhorn_rows_kernel(
         row_std = tl.load(row_std_ptr + state + rows, mask=moved, other=1.0)
         stepped = log_r + _step(row_std, target, std_min, std_max, step_min, step_max)
         log_r = tl.where(moved, tl.minimum(tl.maximum(stepped, log_min), log_max), log_r)
-        tl.store(log_r_ptr + state + rows, log_r, mask=moved)
+        tl.store(log_r_out_ptr + state + rows, log_r, mask=rmask)
         if STATS:
             offs = (row0 + rows).to(tl.int64)[:, None] * K + col_off[None, :]
             x = tl.load(w_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float16).to(tl.float32)
@@ -141,7 +146,7 @@ def _sinkhorn_rows_kernel(
             s1 = tl.sum(xc, 1)
             s2 = tl.sum(xc * xc, 1)
             row_std = inv_r * tl.sqrt(tl.maximum((s2 - s1 * s1 / C) / (C - 1), 0.0))
-            tl.store(row_std_ptr + state + rows, row_std, mask=rmask)
+            tl.store(row_std_out_ptr + state + rows, row_std, mask=rmask)
             hi = tl.maximum(hi, tl.where(rmask, row_std, -_INF))
             lo = tl.minimum(lo, tl.where(rmask, row_std, _INF))
             xr = x * inv_r[:, None]
@@ -187,11 +192,13 @@ def _sinkhorn_tile_kernel(
     imb = tl.maximum(r_hi, c_hi) / tl.maximum(tl.minimum(r_lo, c_lo), 1e-12)
     lowest = tl.minimum(tl.minimum(tl.maximum(r_lo, std_min), std_max), tl.minimum(tl.maximum(c_lo, std_min), std_max))
     target = tl.where(first, lowest + 1e-6, tl.load(target_ptr + t))
-    best_imb = tl.load(best_imb_ptr + t)
-    better = first | (imb <= best_imb * (1 + tie_rtol))
-    best_imb = tl.where(first, imb, tl.where(better, tl.minimum(imb, best_imb), best_imb))
+    last_imb = tl.load(best_imb_ptr + t)
+    better = first | (imb <= last_imb * (1 + tie_rtol))
+    best_imb = tl.where(first, imb, tl.where(better, tl.minimum(imb, last_imb), last_imb))
     keep = better.to(tl.int32) * live
     move = (better & (step < iters)).to(tl.int32) * live
+    # Every load of this tile's state is done before any thread overwrites it.
+    tl.debug_barrier()
     # Stores are masked by cols < C * flag (flag 0 or 1): the column mask, switched off per tile.
     tl.store(best_c_ptr + t * C + cols, log_c, mask=cols < C * keep)
     stepped = log_c + _step(col_std, target, std_min, std_max, step_min, step_max)
@@ -199,7 +206,7 @@ def _sinkhorn_tile_kernel(
     tl.store(flags_ptr + 2 * t, keep)
     tl.store(flags_ptr + 2 * t + 1, move)
     tl.store(target_ptr + t, target)
-    tl.store(best_imb_ptr + t, tl.where(live != 0, best_imb, tl.load(best_imb_ptr + t)))
+    tl.store(best_imb_ptr + t, tl.where(live != 0, best_imb, last_imb))
 
 
 @triton.jit
@@ -337,15 +344,17 @@ def sinkhorn_scales(
     if chunk_rows % block_r:
         raise ValueError(f"rows_per_program={chunk_rows} must be a multiple of {block_r}")
     chunks = triton.cdiv(rows, chunk_rows)
-    log_r, best_r, row_std = (torch.zeros(tiles, rows, **f32) for _ in range(3))
+    log_r, row_std = torch.zeros(2, tiles, rows, **f32), torch.zeros(2, tiles, rows, **f32)  # swapped each step
+    best_r = torch.zeros(tiles, rows, **f32)
     log_c, best_c = torch.zeros(tiles, cols, **f32), torch.zeros(tiles, cols, **f32)
     target, best_imb = torch.ones(tiles, **f32), torch.zeros(tiles, **f32)
     flags = torch.zeros(tiles, 2, dtype=torch.int32, device=w.device)  # keep, move: the last decision
     part, ext = torch.empty(tiles, chunks, 2, cols, **f32), torch.empty(tiles, chunks, 2, **f32)
 
     def rows_pass(step: int, stats: bool) -> None:
+        now, then = step % 2, (step + 1) % 2
         _sinkhorn_rows_kernel[(tiles * chunks,)](
-            w, log_r, best_r, row_std, log_c, flags, target, part, ext,
+            w, log_r[now], log_r[then], best_r, row_std[now], row_std[then], log_c, flags, target, part, ext,
             k, rows, cols, tiles_per_row, chunks, chunk_rows, step, *bounds,
             STATS=stats, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
         )

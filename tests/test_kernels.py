@@ -178,8 +178,8 @@ def test_kernels_compile_for_h100(tmp_path: Path) -> None:
                      if t[0] in "*i" and n not in plain}
             return ASTSource(fn, sig, constexprs=consts, attrs=attrs)
         bounds = {n: "fp32" for n in ["std_min", "std_max", "step_min", "step_max", "log_min", "log_max"]}
-        sig = {"w_ptr": "*fp16", "log_r_ptr": "*fp32", "best_r_ptr": "*fp32", "row_std_ptr": "*fp32",
-               "log_c_ptr": "*fp32", "flags_ptr": "*i32", "target_ptr": "*fp32", "part_ptr": "*fp32",
+        sig = {"w_ptr": "*fp16", "log_r_ptr": "*fp32", "log_r_out_ptr": "*fp32", "best_r_ptr": "*fp32",
+               "row_std_ptr": "*fp32", "row_std_out_ptr": "*fp32", "log_c_ptr": "*fp32", "flags_ptr": "*i32", "target_ptr": "*fp32", "part_ptr": "*fp32",
                "ext_ptr": "*fp32", "K": "i32", "R": "i32", "C": "i32", "tiles_per_row": "i32", "chunks": "i32",
                "chunk_rows": "i32", "step": "i32", **bounds,
                "STATS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
