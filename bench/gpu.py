@@ -1,9 +1,9 @@
 """SINQ on a GPU: ours against the reference on Llama-70B shapes, then the whole pipeline on
 synthetic://llama-70b with 1, 2 and 4 workers sharing the GPU.
 
-Per shape, for 4 and 3 bits with groups of 64 and 128 (1D, 8-bit scales): milliseconds for the
-Triton kernels, our torch path and the reference (CUDA events, best of --repeats), the ratio to
-the reference, the memory-copy floor (one read and one write of the fp16 weight), the peak extra
+First the milliseconds of each stage of the default setting per shape. Then per shape, for 4 and
+3 bits with groups of 64 and 128 (1D, 8-bit scales): milliseconds for the Triton kernels, our torch
+path and the reference (CUDA events, best of --repeats), the ratio to the reference, the memory-copy floor (one read and one write of the fp16 weight), the peak extra
 GPU memory while quantizing an fp16 and a bf16 weight relative to the tensor's fp16 size, and the
 share of codes that differ from the torch path. Then per decoder layer for 2D tiling, NF4, NF3
 and the other bit widths. Then the job: wall time, source GB/s, and the GPU utilisation sampled
@@ -34,7 +34,8 @@ os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 from matrices import llm_like  # noqa: E402
 from oracle import reference_quantize  # noqa: E402
 
-from sinq_ops import QuantConfig, quantize  # noqa: E402
+from sinq_ops import QuantConfig, kernels, quantize  # noqa: E402
+from sinq_ops.config import SINKHORN_ITERS  # noqa: E402
 from sinq_ops.packing import unpack  # noqa: E402
 
 MAIN = [QuantConfig(bits=b, group_size=g) for b in (4, 3) for g in (64, 128)]
@@ -83,9 +84,25 @@ def layer_ms(cfg: QuantConfig, repeats: int, weights: dict) -> tuple[float, floa
     return ours, ref
 
 
+def stages(weights: dict, repeats: int) -> None:
+    """Where the time of the default setting goes: value checks and kurtosis, Sinkhorn, quantize-and-pack."""
+    cfg = QuantConfig()
+    print(f"\nstages, {cfg.bits}-bit g{cfg.group_size} 1D (ms)")
+    print(f"{'tensor':14s} {'stats':>7s} {'sinkhorn':>9s} {'pack':>7s} {'copy':>7s}")
+    for name, (w, _) in weights.items():
+        n = w.shape[0]
+        r, c = kernels.sinkhorn_scales(w, n, cfg.group_size, SINKHORN_ITERS)
+        times = (cuda_ms(lambda w=w: kernels.weight_stats(w), repeats),
+                 cuda_ms(lambda w=w: kernels.sinkhorn_scales(w, n, cfg.group_size, SINKHORN_ITERS), repeats),
+                 cuda_ms(lambda w=w: kernels.quantize_groups(w, r, c, n, cfg), repeats),
+                 cuda_ms(lambda w=w: w.clone(), repeats))
+        print(f"{name:14s} " + " ".join(f"{t:{width}.3f}" for t, width in zip(times, (7, 9, 7, 7))))
+
+
 def shapes(repeats: int) -> None:
     weights = {name: (llm_like(n, k, seed=n + k).half().cuda(), count) for name, n, k, count in LLAMA_70B}
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    stages(weights, repeats)
     for cfg in MAIN:
         print(f"\n{cfg.method} {cfg.bits}-bit g{cfg.group_size} {cfg.tiling} {cfg.aux}")
         print(f"{'tensor':14s} {'shape':>12s} {'ours ms':>8s} {'torch ms':>9s} {'ref ms':>8s} {'ratio':>6s} "
