@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
     QuantConfig(bits=4), QuantConfig(bits=3), QuantConfig(bits=4, group_size=128), QuantConfig(bits=3, group_size=128),
     QuantConfig(bits=4, tiling="2D"), QuantConfig(bits=3, tiling="2D", aux="fp16"),
+    QuantConfig(bits=4, group_size=128, tiling="2D"),
     QuantConfig(bits=4, method="nf4"), QuantConfig(bits=3, method="nf3", tiling="2D"),
     QuantConfig(bits=2, aux="fp16"), QuantConfig(bits=5), QuantConfig(bits=6), QuantConfig(bits=8),
     QuantConfig(bits=4, method="rtn"), QuantConfig(bits=4, group_size=192),
