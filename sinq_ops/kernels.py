@@ -128,7 +128,8 @@ def _sinkhorn_rows_kernel(
     acc2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     hi = tl.full([BLOCK_R], -_INF, dtype=tl.float32)
     lo = tl.full([BLOCK_R], _INF, dtype=tl.float32)
-    for r in range(start, start + (end - start) * todo, BLOCK_R):
+    # Pipelined: the next blocks' loads are in flight while this one is reduced.
+    for r in tl.range(start, start + (end - start) * todo, BLOCK_R, num_stages=3):
         rows = r + tl.arange(0, BLOCK_R)
         rmask = rows < end
         log_r = tl.load(log_r_ptr + state + rows, mask=rmask, other=0.0)
@@ -310,7 +311,8 @@ def _rows_per_program(w: Tensor, rows: int, tiles: int, block_r: int) -> int:
     if not w.is_cuda:
         return blocks * block_r  # the interpreter runs programs one after another: one per tile
     programs = _PROGRAMS_PER_SM * torch.cuda.get_device_properties(w.device).multi_processor_count
-    return min(blocks, triton.cdiv(blocks * tiles, programs)) * block_r
+    chunks = max(1, min(blocks, programs // tiles))
+    return triton.cdiv(blocks, chunks) * block_r  # chunks of (nearly) equal size, no short last one
 
 
 def sinkhorn_scales(
@@ -336,7 +338,7 @@ def sinkhorn_scales(
         best_r, best_c = torch.empty(tiles, rows, **f32), torch.empty(tiles, cols, **f32)
         _sinkhorn_resident_kernel[(tiles,)](
             w, best_r, best_c, k, rows, cols, tiles_per_row, iters, *bounds, sinkhorn._TIE_RTOL,
-            BLOCK_R=triton.next_power_of_2(rows), BLOCK_C=block_c, num_warps=min(16, max(4, resident // 512)),
+            BLOCK_R=triton.next_power_of_2(rows), BLOCK_C=block_c, num_warps=min(16, max(4, resident // 1024)),
         )
         return best_r.exp_(), best_c.exp_()
     block_r = min(triton.next_power_of_2(rows), max(8, 4096 // block_c))
