@@ -12,6 +12,8 @@ from pipeline.run import JobOptions, run_job
 from pipeline.sources import SourceError, open_source
 from pipeline_checks import file_bytes, read_dir_tensors
 from sinq_ops import QuantConfig, quantize
+from sinq_ops.config import KURTOSIS_GATE
+from sinq_ops.sinkhorn import kurtosis
 
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -37,6 +39,7 @@ def test_tiny_synthetic_job_is_deterministic_and_quantizes_the_generated_weights
     name = "model.layers.2.mlp.down_proj.weight"
     w = src.read_tensor("layer-00002", src.header("layer-00002")[name])
     assert w.dtype == torch.bfloat16 and w.shape == (256, 512)
+    assert torch.unique(w, dim=0).shape[0] == 256 and kurtosis(w) < KURTOSIS_GATE  # distinct rows, Sinkhorn applies
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
