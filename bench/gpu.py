@@ -145,21 +145,24 @@ def pipeline(layers: int, cfg: QuantConfig) -> None:
     ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
     work = Path(tempfile.mkdtemp(prefix="sinq-gpu-"))
     print(f"\npipeline: synthetic://llama-70b?layers={layers} -> local disk")
-    print(f"{'workers':>7s} {'wall s':>7s} {'GB/s':>6s} {'GPU util %':>10s}")
+    print(f"{'workers':>7s} {'cpus each':>9s} {'wall s':>7s} {'GB/s':>6s} {'GPU util %':>10s}")
     for workers in (1, 2, 4):
         samples: list[float] = []
         stop = threading.Event()
         sampler = threading.Thread(target=gpu_utilisation, args=(stop, samples), daemon=True)
         sampler.start()
         t0 = time.perf_counter()
+        # The workers share the machine's cores for generating the weights, as they would for reading them.
+        cpus = max(1, ((os.cpu_count() or 2) - 1) // workers)
         manifest = run_job(JobOptions(model=f"synthetic://llama-70b?layers={layers}", out=str(work / f"w{workers}"),
-                                      workers=workers, gpus_per_worker=1 / workers, **cfg.to_dict()),
+                                      workers=workers, gpus_per_worker=1 / workers, cpus_per_worker=cpus,
+                                      **cfg.to_dict()),
                            log=lambda _: None)
         wall = time.perf_counter() - t0
         stop.set()
         sampler.join()
         util = sum(samples) / len(samples) if samples else float("nan")
-        print(f"{workers:>7d} {wall:>7.1f} {manifest['totals']['source_bytes'] / 1e9 / wall:>6.2f} {util:>10.0f}")
+        print(f"{workers:>7d} {cpus:>9d} {wall:>7.1f} {manifest['totals']['source_bytes'] / 1e9 / wall:>6.2f} {util:>10.0f}")
     ray.shutdown()
 
 
