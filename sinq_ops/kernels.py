@@ -257,7 +257,10 @@ def _quantize_kernel(
 
 @triton.jit
 def _stats_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    """One block's extremes and NaN count (raw values) and its mean and central moments 2-4 (fp16-rounded)."""
+    """One block's mean and central moments 2-4 (fp16-rounded values) and extremes (raw values).
+
+    A NaN anywhere makes the mean NaN. The moments share one reduction, as do the two extremes.
+    """
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -266,14 +269,17 @@ def _stats_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     mean = tl.sum(x, 0) / tl.minimum(numel - start, BLOCK).to(tl.float32)
     d = tl.where(mask, x - mean, 0.0)
     d2 = d * d
-    out = out_ptr + 7 * tl.program_id(0)
+    s2_s3, s4_0 = tl.split(tl.sum(tl.join(tl.join(d2, d2 * d), tl.join(d2 * d2, tl.zeros_like(d))), 0))
+    s2, s3 = tl.split(s2_s3)
+    s4, _ = tl.split(s4_0)
+    neg_lo, hi = tl.split(tl.max(tl.join(tl.where(mask, -raw, -_INF), tl.where(mask, raw, -_INF)), 0))
+    out = out_ptr + 6 * tl.program_id(0)
     tl.store(out, mean)
-    tl.store(out + 1, tl.sum(d2, 0))
-    tl.store(out + 2, tl.sum(d2 * d, 0))
-    tl.store(out + 3, tl.sum(d2 * d2, 0))
-    tl.store(out + 4, tl.min(tl.where(mask, raw, _INF), 0))
-    tl.store(out + 5, tl.max(tl.where(mask, raw, -_INF), 0))
-    tl.store(out + 6, tl.sum(tl.where(mask & (raw != raw), 1.0, 0.0), 0))
+    tl.store(out + 1, s2)
+    tl.store(out + 2, s3)
+    tl.store(out + 3, s4)
+    tl.store(out + 4, -neg_lo)
+    tl.store(out + 5, hi)
 
 
 def weight_stats(w: Tensor) -> tuple[float, float, float]:
@@ -286,7 +292,7 @@ def weight_stats(w: Tensor) -> tuple[float, float, float]:
     block = 4096
     numel = w.numel()
     programs = triton.cdiv(numel, block)
-    part = torch.empty(programs, 7, dtype=torch.float32, device=w.device)
+    part = torch.empty(programs, 6, dtype=torch.float32, device=w.device)
     _stats_kernel[(programs,)](w, part, numel, BLOCK=block)
     p = part.double()
     counts = torch.full((programs,), float(block), dtype=torch.float64, device=w.device)
@@ -295,7 +301,7 @@ def weight_stats(w: Tensor) -> tuple[float, float, float]:
     delta = p[:, 0] - mean
     m2 = (p[:, 1] + counts * delta**2).sum()
     m4 = (p[:, 3] + 4 * delta * p[:, 2] + 6 * delta**2 * p[:, 1] + counts * delta**4).sum()
-    summary = torch.stack([p[:, 4].min(), p[:, 5].max(), p[:, 6].sum(), m2 / numel, m4 / numel])
+    summary = torch.stack([p[:, 4].min(), p[:, 5].max(), p[:, 0].isnan().sum(), m2 / numel, m4 / numel])
     lo, hi, nans, var, fourth = summary.tolist()
     return (float("nan") if nans else lo), hi, (fourth / (var * var) if var > 0 else 0.0)
 
