@@ -24,6 +24,8 @@ from .packing import PACKINGS, packed_rows
 from .rounding import _MIN_RANGE, codebook
 
 _INF = tl.constexpr(float("inf"))
+# Multiply-adds contracted to FMA, as compiled and tested; Triton's default for this changes in 3.10.
+_OPTIONS = {"enable_fp_fusion": True}
 
 
 @triton.jit
@@ -293,7 +295,7 @@ def weight_stats(w: Tensor) -> tuple[float, float, float]:
     numel = w.numel()
     programs = triton.cdiv(numel, block)
     part = torch.empty(programs, 6, dtype=torch.float32, device=w.device)
-    _stats_kernel[(programs,)](w, part, numel, BLOCK=block)
+    _stats_kernel[(programs,)](w, part, numel, BLOCK=block, **_OPTIONS)
     p = part.double()
     counts = torch.full((programs,), float(block), dtype=torch.float64, device=w.device)
     counts[-1] = numel - (programs - 1) * block
@@ -344,7 +346,7 @@ def sinkhorn_scales(
         best_r, best_c = torch.empty(tiles, rows, **f32), torch.empty(tiles, cols, **f32)
         _sinkhorn_resident_kernel[(tiles,)](
             w, best_r, best_c, k, rows, cols, tiles_per_row, iters, *bounds, sinkhorn._TIE_RTOL,
-            BLOCK_R=triton.next_power_of_2(rows), BLOCK_C=block_c, num_warps=min(16, max(4, resident // 1024)),
+            BLOCK_R=triton.next_power_of_2(rows), BLOCK_C=block_c, num_warps=min(16, max(4, resident // 1024)), **_OPTIONS,
         )
         return best_r.exp_(), best_c.exp_()
     block_r = min(triton.next_power_of_2(rows), max(8, 4096 // block_c))
@@ -364,14 +366,14 @@ def sinkhorn_scales(
         _sinkhorn_rows_kernel[(tiles * chunks,)](
             w, log_r[now], log_r[then], best_r, row_std[now], row_std[then], log_c, flags, target, part, ext,
             k, rows, cols, tiles_per_row, chunks, chunk_rows, step, *bounds,
-            STATS=stats, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+            STATS=stats, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8, **_OPTIONS,
         )
 
     for step in range(iters + 1):
         rows_pass(step, True)
         _sinkhorn_tile_kernel[(tiles,)](
             log_c, best_c, flags, target, best_imb, part, ext,
-            rows, cols, chunks, step, iters, *bounds, sinkhorn._TIE_RTOL, BLOCK_C=block_c,
+            rows, cols, chunks, step, iters, *bounds, sinkhorn._TIE_RTOL, BLOCK_C=block_c, **_OPTIONS,
         )
     rows_pass(iters + 1, False)  # the last decision's row scales
     return best_r.exp_(), best_c.exp_()
@@ -410,6 +412,6 @@ def quantize_groups(
         w, row_scale, col_scale, midpoints, packed, scale, zero,
         k, groups, words, k // g, tile_rows, float(config.max_code), _MIN_RANGE,
         G=g, BLOCK_G=block_g, BLOCK_P=block_p, BITS=spec.bits, PER_WORD=spec.per_word,
-        N_LEVELS=midpoints.numel() + 1 if config.codebook_name else 0,
+        N_LEVELS=midpoints.numel() + 1 if config.codebook_name else 0, **_OPTIONS,
     )
     return packed, scale, zero

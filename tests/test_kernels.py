@@ -186,31 +186,31 @@ def test_kernels_compile_for_h100(tmp_path: Path) -> None:
                "chunk_rows": "i32", "step": "i32", **bounds,
                "STATS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
         src = hinted(kernels._sinkhorn_rows_kernel, sig, {"STATS": True, "BLOCK_R": 64, "BLOCK_C": 64})
-        print("rows", len(triton.compile(src, target=target, options={"num_warps": 8}).asm["cubin"]))
+        print("rows", len(triton.compile(src, target=target, options={"num_warps": 8, **kernels._OPTIONS}).asm["cubin"]))
         sig = {"log_c_ptr": "*fp32", "best_c_ptr": "*fp32", "flags_ptr": "*i32", "target_ptr": "*fp32",
                "best_imb_ptr": "*fp32", "part_ptr": "*fp32", "ext_ptr": "*fp32", "R": "i32", "C": "i32",
                "chunks": "i32", "step": "i32", "iters": "i32", **bounds, "tie_rtol": "fp32", "BLOCK_C": "constexpr"}
         src = hinted(kernels._sinkhorn_tile_kernel, sig, {"BLOCK_C": 64})
-        print("tile", len(triton.compile(src, target=target).asm["cubin"]))
+        print("tile", len(triton.compile(src, target=target, options=kernels._OPTIONS).asm["cubin"]))
         sig = {"w_ptr": "*bf16", "best_r_ptr": "*fp32", "best_c_ptr": "*fp32", "K": "i32", "R": "i32", "C": "i32",
                "tiles_per_row": "i32", "iters": "i32", **bounds, "tie_rtol": "fp32",
                "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
         src = hinted(kernels._sinkhorn_resident_kernel, sig, {"BLOCK_R": 64, "BLOCK_C": 64})
-        print("resident", len(triton.compile(src, target=target, options={"num_warps": 8}).asm["cubin"]))
+        print("resident", len(triton.compile(src, target=target, options={"num_warps": 8, **kernels._OPTIONS}).asm["cubin"]))
         sig = {"w_ptr": "*fp16", "r_ptr": "*fp32", "c_ptr": "*fp32", "mid_ptr": "*fp32", "packed_ptr": "*u8",
                "scale_ptr": "*fp32", "zero_ptr": "*fp32", "K": "i32", "groups": "i32", "words": "i32",
                "tiles_per_row": "i32", "R": "i32", "max_code": "fp32", "min_range": "fp32"}
         consts = {"G": 64, "BLOCK_G": 64, "BLOCK_P": 64, "BITS": 4, "PER_WORD": 2, "N_LEVELS": 0}
         sig.update({name: "constexpr" for name in consts})
         src = hinted(kernels._quantize_kernel, sig, consts)
-        print("quantize", len(triton.compile(src, target=target).asm["cubin"]))
+        print("quantize", len(triton.compile(src, target=target, options=kernels._OPTIONS).asm["cubin"]))
         sig = {"w_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i64", "BLOCK": "constexpr"}
         src = hinted(kernels._stats_kernel, sig, {"BLOCK": 4096})
-        print("stats", len(triton.compile(src, target=target).asm["cubin"]))
+        print("stats", len(triton.compile(src, target=target, options=kernels._OPTIONS).asm["cubin"]))
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env.update(TRITON_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     sizes = dict(line.split() for line in out.stdout.splitlines())
     assert set(sizes) == {"rows", "tile", "resident", "quantize", "stats"}
