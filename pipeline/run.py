@@ -26,7 +26,7 @@ from .progress import Progress
 from .reducer import TOOL_VERSION
 from .sources import open_source
 from .storage import Location, StorageOptions
-from .unit_work import UnitResult, staged_names
+from .unit_work import staged_names
 from .workers import QuantizeWorker, Reducer
 
 STAGING_DIR = ".staging"
@@ -102,25 +102,10 @@ def _probe(staging: Location) -> None:
         raise JobError(f"cannot write to {staging.url.rsplit('/' + STAGING_DIR, 1)[0]}: {exc.strerror or exc}") from None
 
 
-def _reusable(plan: Plan, staging: Location, log: Callable[[str], None]) -> dict[int, UnitResult]:
-    """Units an earlier run of the same job staged, each checked against its own sha256."""
+def _staged_earlier(plan: Plan, staging: Location) -> int:
+    """How many units an earlier run of the same job left staged (a listing; the workers verify them)."""
     present = set(staging.list())
-    reused: dict[int, UnitResult] = {}
-    for unit in plan.units:
-        data_name, record_name = staged_names(unit)
-        if record_name not in present or data_name not in present:
-            continue
-        try:
-            result = UnitResult.from_json(staging.read_bytes(record_name).decode())
-        except (ValueError, KeyError, TypeError):
-            continue
-        if (result.index, result.name) != (unit.index, unit.name) or staging.size(data_name) != result.size:
-            continue
-        if staging.sha256(data_name) == result.sha256:
-            reused[unit.index] = result
-    if reused:
-        log(f"resuming: {len(reused)} of {len(plan.units)} units were staged by an earlier run and verify")
-    return reused
+    return sum(all(n in present for n in staged_names(u)) for u in plan.units)
 
 
 def _ensure_ray(opts: JobOptions) -> None:
@@ -134,7 +119,7 @@ def _ensure_ray(opts: JobOptions) -> None:
         ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
 
 
-def _pool(plan: Plan, opts: JobOptions, staging: Location, units: int) -> list:
+def _pool(plan: Plan, opts: JobOptions, staging: Location) -> list:
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
     if gpus:
@@ -143,7 +128,7 @@ def _pool(plan: Plan, opts: JobOptions, staging: Location, units: int) -> list:
     else:
         n = opts.workers or max(1, int(resources.get("CPU", 1) // opts.cpus_per_worker))
         actor_opts = {"num_cpus": opts.cpus_per_worker}
-    n = min(n, units)
+    n = min(n, len(plan.units))
     return [
         QuantizeWorker.options(**actor_opts, scheduling_strategy="SPREAD").remote(
             plan.source, plan.config, staging, opts.cpus_per_worker
@@ -182,26 +167,29 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
         return existing
     staging = dest.child(f"{STAGING_DIR}/{key}")
     _probe(staging)
-    reused = _reusable(plan, staging, log)
-    todo = [u for u in plan.units if u.index not in reused]
+    staged = _staged_earlier(plan, staging)
+    if staged:
+        log(f"resuming: {staged} of {len(plan.units)} units were staged by an earlier run; workers reuse those that verify")
     _ensure_ray(opts)
-    workers = _pool(plan, opts, staging, len(todo)) if todo else []
+    workers = _pool(plan, opts, staging)
     reducer = Reducer.options(num_cpus=0, scheduling_strategy=_on_driver_node()).remote(plan, dest, staging)
-    log(f"quantizing {plan.source.spec} -> {dest.url}: {len(todo)} units on {len(workers)} workers")
+    log(f"quantizing {plan.source.spec} -> {dest.url}: {len(plan.units)} units on {len(workers)} workers")
 
-    pending_adds = [reducer.add.remote(r) for r in reused.values()]
-    progress = Progress(len(todo), sum(u.in_bytes for u in todo), len(workers), log)
+    pending_adds = []
+    reused = 0
+    progress = Progress(len(plan.units), plan.in_bytes, len(workers), log)
     try:
         pool = ActorPool(workers)
-        results = pool.map_unordered(lambda actor, unit: actor.process.remote(unit), todo) if todo else []
+        results = pool.map_unordered(lambda actor, unit: actor.process.remote(unit), plan.units)
         for result in results:
             pending_adds.append(reducer.add.remote(result))
+            reused += result.reused
             seconds = result.read_s + result.quantize_s + result.write_s
             progress.unit_done(result.name, plan.units[result.index].in_bytes, result.worker, seconds)
         ray.get(pending_adds)
         log(f"units per worker: {progress.worker_summary()}")
         run_info = {"wall_s": round(time.perf_counter() - t_start, 3), "workers": len(workers),
-                    "units_reused": len(reused)}
+                    "units_reused": reused}
         manifest = ray.get(reducer.finish.remote(run_info, key))
     except (RayTaskError, RayActorError) as exc:
         raise JobError(_unwrap(exc)) from None

@@ -49,6 +49,7 @@ class UnitResult:
     quantize_s: float
     write_s: float
     worker: str = ""
+    reused: bool = False  # staged by an earlier run of the same job and verified, not quantized again
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -64,8 +65,28 @@ def staged_names(unit: Unit) -> tuple[str, str]:
     return f"unit-{unit.index:05d}.safetensors", f"unit-{unit.index:05d}.json"
 
 
+def staged_result(unit: Unit, staging: Location) -> UnitResult | None:
+    """What an earlier run of the same job staged for ``unit``, if its record parses and the staged
+    data matches the record's size and sha256."""
+    data_name, record_name = staged_names(unit)
+    if not (staging.exists(record_name) and staging.exists(data_name)):
+        return None
+    try:
+        result = UnitResult.from_json(staging.read_bytes(record_name).decode())
+    except (ValueError, KeyError, TypeError):
+        return None
+    if (result.index, result.name) != (unit.index, unit.name) or staging.size(data_name) != result.size:
+        return None
+    return result if staging.sha256(data_name) == result.sha256 else None
+
+
 def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str) -> UnitResult:
-    """Quantize every tensor of ``unit`` that the plan marks, copy the rest, stage the result."""
+    """Quantize every tensor of ``unit`` that the plan marks, copy the rest, stage the result;
+    or take the result an earlier run staged, once it verifies."""
+    earlier = staged_result(unit, staging)
+    if earlier is not None:
+        earlier.reused = True
+        return earlier
     outputs: dict[str, torch.Tensor] = {}
     sidecar: dict[str, dict] = {}
     stats: list[TensorStats] = []

@@ -16,10 +16,14 @@ import pytest
 from fault_proxy import FaultProxy
 from pipeline.fixtures import write_llama_checkpoint
 from pipeline.manifest import MANIFEST_NAME, verify
+from pipeline.plan import make_plan
 from pipeline.run import JobError, JobOptions, run_job
+from pipeline.sources import open_source
 from pipeline.storage import Location
+from pipeline.unit_work import process_unit, staged_result
 from pipeline_checks import file_bytes
 from s3_server import FAKE_KEY_ID, FAKE_SECRET, s3_server
+from sinq_ops import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,6 +101,22 @@ def test_driver_killed_then_rerun_reuses_staged_units(checkpoint: Path, clean: P
     assert reused >= 4
     assert file_bytes(out) == file_bytes(clean)
     assert not (out / ".staging").exists()
+
+
+def test_a_staged_unit_is_reused_only_while_it_verifies(checkpoint: Path, tmp_path: Path) -> None:
+    plan = make_plan(open_source(str(checkpoint)), QuantConfig())
+    unit = next(u for u in plan.units if any(t.quantize for t in u.tasks))
+    staging = Location(str(tmp_path / "staging"))
+    first = process_unit(plan.source, unit, plan.config, staging, "cpu")
+    again = process_unit(plan.source, unit, plan.config, staging, "cpu")
+    assert not first.reused and again.reused and again.sha256 == first.sha256
+    data = tmp_path / "staging" / first.staged
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert staged_result(unit, staging) is None
+    redone = process_unit(plan.source, unit, plan.config, staging, "cpu")
+    assert not redone.reused and redone.sha256 == first.sha256 and data.read_bytes() != bytes(raw)
 
 
 def test_a_different_config_never_reuses_staged_units(checkpoint: Path, tmp_path: Path) -> None:
