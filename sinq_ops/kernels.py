@@ -37,9 +37,32 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _step(std, target, std_min, std_max, step_min, step_max):
-    """One Sinkhorn update in the log domain: the clamped ratio of a deviation to the tile's target."""
-    return tl.log(tl.minimum(tl.maximum(tl.minimum(tl.maximum(std, std_min), std_max) / target, step_min), step_max))
+def _std(s1, s2, n):
+    """Sample standard deviation from the sum and the sum of squares of ``n`` values."""
+    return tl.sqrt(tl.maximum((s2 - s1 * s1 / n) / (n - 1), 0.0))
+
+
+@triton.jit
+def _stepped(log_s, std, target, std_min, std_max, step_min, step_max, log_min, log_max):
+    """One Sinkhorn update of log scales: by the log of the clamped ratio of each deviation to the
+    tile's target, the result clamped too."""
+    step = tl.log(tl.minimum(tl.maximum(tl.minimum(tl.maximum(std, std_min), std_max) / target, step_min), step_max))
+    return tl.minimum(tl.maximum(log_s + step, log_min), log_max)
+
+
+@triton.jit
+def _decide(r_lo, r_hi, c_lo, c_hi, first, target, best_imb, std_min, std_max, tie_rtol):
+    """Score a tile's scaling by its imbalance (largest over smallest row or column deviation).
+
+    Returns the target deviation (fixed at the first step), whether this scaling is no worse than
+    the best so far (ties within ``tie_rtol`` count as no worse), and the best imbalance after it.
+    """
+    imb = tl.maximum(r_hi, c_hi) / tl.maximum(tl.minimum(r_lo, c_lo), 1e-12)
+    lowest = tl.minimum(tl.minimum(tl.maximum(r_lo, std_min), std_max), tl.minimum(tl.maximum(c_lo, std_min), std_max))
+    target = tl.where(first, lowest + 1e-6, target)
+    better = first | (imb <= best_imb * (1 + tie_rtol))
+    best_imb = tl.where(first, imb, tl.where(better, tl.minimum(imb, best_imb), best_imb))
+    return target, better, best_imb
 
 
 @triton.jit
@@ -71,27 +94,21 @@ def _sinkhorn_resident_kernel(
         xc = x * inv_c[None, :]
         s1 = tl.sum(xc, 1)
         s2 = tl.sum(xc * xc, 1)
-        row_std = inv_r * tl.sqrt(tl.maximum((s2 - s1 * s1 / C) / (C - 1), 0.0))
+        row_std = inv_r * _std(s1, s2, C)
         xr = x * inv_r[:, None]
-        c1 = tl.sum(xr, 0)
-        c2 = tl.sum(xr * xr, 0)
-        col_std = inv_c * tl.sqrt(tl.maximum((c2 - c1 * c1 / R) / (R - 1), 0.0))
-        r_lo = tl.min(tl.where(rmask, row_std, _INF), 0)
-        c_lo = tl.min(tl.where(cmask, col_std, _INF), 0)
-        hi = tl.maximum(tl.max(tl.where(rmask, row_std, -_INF), 0), tl.max(tl.where(cmask, col_std, -_INF), 0))
-        imb = hi / tl.maximum(tl.minimum(r_lo, c_lo), 1e-12)
-        first = step == 0
-        lowest = tl.minimum(tl.minimum(tl.maximum(r_lo, std_min), std_max), tl.minimum(tl.maximum(c_lo, std_min), std_max))
-        target = tl.where(first, lowest + 1e-6, target)
-        better = first | (imb <= best_imb * (1 + tie_rtol))
-        best_imb = tl.where(first, imb, tl.where(better, tl.minimum(imb, best_imb), best_imb))
+        col_std = inv_c * _std(tl.sum(xr, 0), tl.sum(xr * xr, 0), R)
+        target, better, best_imb = _decide(
+            tl.min(tl.where(rmask, row_std, _INF), 0), tl.max(tl.where(rmask, row_std, -_INF), 0),
+            tl.min(tl.where(cmask, col_std, _INF), 0), tl.max(tl.where(cmask, col_std, -_INF), 0),
+            step == 0, target, best_imb, std_min, std_max, tie_rtol,
+        )
         best_r = tl.where(better, log_r, best_r)
         best_c = tl.where(better, log_c, best_c)
         update = better & (step < iters)
-        stepped_r = log_r + _step(row_std, target, std_min, std_max, step_min, step_max)
-        stepped_c = log_c + _step(col_std, target, std_min, std_max, step_min, step_max)
-        log_r = tl.where(update, tl.minimum(tl.maximum(stepped_r, log_min), log_max), log_r)
-        log_c = tl.where(update, tl.minimum(tl.maximum(stepped_c, log_min), log_max), log_c)
+        moved_r = _stepped(log_r, row_std, target, std_min, std_max, step_min, step_max, log_min, log_max)
+        moved_c = _stepped(log_c, col_std, target, std_min, std_max, step_min, step_max, log_min, log_max)
+        log_r = tl.where(update, moved_r, log_r)
+        log_c = tl.where(update, moved_c, log_c)
         go = update.to(tl.int32)
         step += 1
     tl.store(best_r_ptr + t * R + rows, best_r, mask=rmask)
@@ -138,8 +155,8 @@ def _sinkhorn_rows_kernel(
         tl.store(best_r_ptr + state + rows, log_r, mask=rows < end * keep)
         moved = rows < end * move
         row_std = tl.load(row_std_ptr + state + rows, mask=moved, other=1.0)
-        stepped = log_r + _step(row_std, target, std_min, std_max, step_min, step_max)
-        log_r = tl.where(moved, tl.minimum(tl.maximum(stepped, log_min), log_max), log_r)
+        stepped = _stepped(log_r, row_std, target, std_min, std_max, step_min, step_max, log_min, log_max)
+        log_r = tl.where(moved, stepped, log_r)
         tl.store(log_r_out_ptr + state + rows, log_r, mask=rmask)
         if STATS:
             offs = (row0 + rows).to(tl.int64)[:, None] * K + col_off[None, :]
@@ -148,7 +165,7 @@ def _sinkhorn_rows_kernel(
             xc = x * inv_c[None, :]
             s1 = tl.sum(xc, 1)
             s2 = tl.sum(xc * xc, 1)
-            row_std = inv_r * tl.sqrt(tl.maximum((s2 - s1 * s1 / C) / (C - 1), 0.0))
+            row_std = inv_r * _std(s1, s2, C)
             tl.store(row_std_out_ptr + state + rows, row_std, mask=rmask)
             hi = tl.maximum(hi, tl.where(rmask, row_std, -_INF))
             lo = tl.minimum(lo, tl.where(rmask, row_std, _INF))
@@ -189,23 +206,20 @@ def _sinkhorn_tile_kernel(
         r_hi = tl.maximum(r_hi, tl.load(ext_ptr + (t * chunks + ch) * 2))
         r_lo = tl.minimum(r_lo, tl.load(ext_ptr + (t * chunks + ch) * 2 + 1))
     log_c = tl.load(log_c_ptr + t * C + cols, mask=cmask, other=0.0)
-    col_std = tl.exp(-log_c) * tl.sqrt(tl.maximum((c2 - c1 * c1 / R) / (R - 1), 0.0))
-    c_hi = tl.max(tl.where(cmask, col_std, -_INF), 0)
-    c_lo = tl.min(tl.where(cmask, col_std, _INF), 0)
-    imb = tl.maximum(r_hi, c_hi) / tl.maximum(tl.minimum(r_lo, c_lo), 1e-12)
-    lowest = tl.minimum(tl.minimum(tl.maximum(r_lo, std_min), std_max), tl.minimum(tl.maximum(c_lo, std_min), std_max))
-    target = tl.where(first, lowest + 1e-6, tl.load(target_ptr + t))
+    col_std = tl.exp(-log_c) * _std(c1, c2, R)
     last_imb = tl.load(best_imb_ptr + t)
-    better = first | (imb <= last_imb * (1 + tie_rtol))
-    best_imb = tl.where(first, imb, tl.where(better, tl.minimum(imb, last_imb), last_imb))
+    target, better, best_imb = _decide(
+        r_lo, r_hi, tl.min(tl.where(cmask, col_std, _INF), 0), tl.max(tl.where(cmask, col_std, -_INF), 0),
+        first, tl.load(target_ptr + t), last_imb, std_min, std_max, tie_rtol,
+    )
     keep = better.to(tl.int32) * live
     move = (better & (step < iters)).to(tl.int32) * live
     # Every load of this tile's state is done before any thread overwrites it.
     tl.debug_barrier()
     # Stores are masked by cols < C * flag (flag 0 or 1): the column mask, switched off per tile.
     tl.store(best_c_ptr + t * C + cols, log_c, mask=cols < C * keep)
-    stepped = log_c + _step(col_std, target, std_min, std_max, step_min, step_max)
-    tl.store(log_c_ptr + t * C + cols, tl.minimum(tl.maximum(stepped, log_min), log_max), mask=cols < C * move)
+    stepped = _stepped(log_c, col_std, target, std_min, std_max, step_min, step_max, log_min, log_max)
+    tl.store(log_c_ptr + t * C + cols, stepped, mask=cols < C * move)
     tl.store(flags_ptr + 2 * t, keep)
     tl.store(flags_ptr + 2 * t + 1, move)
     tl.store(target_ptr + t, target)
@@ -346,7 +360,8 @@ def sinkhorn_scales(
         best_r, best_c = torch.empty(tiles, rows, **f32), torch.empty(tiles, cols, **f32)
         _sinkhorn_resident_kernel[(tiles,)](
             w, best_r, best_c, k, rows, cols, tiles_per_row, iters, *bounds, sinkhorn._TIE_RTOL,
-            BLOCK_R=triton.next_power_of_2(rows), BLOCK_C=block_c, num_warps=min(16, max(4, resident // 1024)), **_OPTIONS,
+            BLOCK_R=triton.next_power_of_2(rows), BLOCK_C=block_c, num_warps=min(16, max(4, resident // 1024)),
+            **_OPTIONS,
         )
         return best_r.exp_(), best_c.exp_()
     block_r = min(triton.next_power_of_2(rows), max(8, 4096 // block_c))
