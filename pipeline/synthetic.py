@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlparse
 
 import torch
 
+from .fixtures import llama_config, llama_layer_shapes
 from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo
 from .sources import Source, SourceError
 from .storage import Location
@@ -31,21 +32,6 @@ _POOL = 1 << 24
 _BLOCK_ELEMENTS = 1 << 20
 
 
-def _layer_tensors(prefix: str, hidden: int, inter: int, heads: int, kv: int) -> dict[str, tuple[int, ...]]:
-    head_dim = hidden // heads
-    return {
-        f"{prefix}.input_layernorm.weight": (hidden,),
-        f"{prefix}.post_attention_layernorm.weight": (hidden,),
-        f"{prefix}.self_attn.q_proj.weight": (hidden, hidden),
-        f"{prefix}.self_attn.k_proj.weight": (kv * head_dim, hidden),
-        f"{prefix}.self_attn.v_proj.weight": (kv * head_dim, hidden),
-        f"{prefix}.self_attn.o_proj.weight": (hidden, hidden),
-        f"{prefix}.mlp.gate_proj.weight": (inter, hidden),
-        f"{prefix}.mlp.up_proj.weight": (inter, hidden),
-        f"{prefix}.mlp.down_proj.weight": (hidden, inter),
-    }
-
-
 @dataclass
 class SyntheticSource(Source):
     shape_name: str = "tiny"
@@ -53,20 +39,16 @@ class SyntheticSource(Source):
     seed: int = 0
     dtype: torch.dtype = torch.bfloat16
 
-    def _dims(self) -> tuple[int, int, int, int, int]:
-        return SHAPES[self.shape_name][:5]
+    def _config(self) -> dict:
+        hidden, inter, heads, kv, vocab, _ = SHAPES[self.shape_name]
+        dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(self.dtype, "float32")
+        return llama_config(self.layers, hidden, inter, vocab, heads, kv, max_position_embeddings=8192,
+                            rope_theta=500000.0, torch_dtype=dtype)
 
     def read_json(self, name: str) -> dict:
         if name != "config.json":
             raise SourceError(f"{self.spec}: has no {name}")
-        hidden, inter, heads, kv, vocab = self._dims()
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv,
-            "num_hidden_layers": self.layers, "vocab_size": vocab, "max_position_embeddings": 8192,
-            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-            "torch_dtype": {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(self.dtype, "float32"),
-        }
+        return self._config()
 
     def exists(self, name: str) -> bool:
         return name == "config.json"
@@ -78,12 +60,13 @@ class SyntheticSource(Source):
         return ["embeddings", *(f"layer-{i:05d}" for i in range(self.layers)), "head"]
 
     def _shapes(self, file: str) -> dict[str, tuple[int, ...]]:
-        hidden, inter, heads, kv, vocab = self._dims()
+        cfg = self._config()
+        hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
         if file == "embeddings":
             return {"model.embed_tokens.weight": (vocab, hidden)}
         if file == "head":
             return {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-        return _layer_tensors(f"model.layers.{int(file.split('-')[1])}", hidden, inter, heads, kv)
+        return llama_layer_shapes(cfg, int(file.split("-")[1]))
 
     def header(self, name: str) -> dict[str, TensorInfo]:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
