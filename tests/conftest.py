@@ -34,3 +34,18 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3(request):
+    """A real S3 endpoint (moto's server on 127.0.0.1) holding the buckets the module names in ``S3_BUCKETS``."""
+    from s3_server import s3_server
+
+    with s3_server(*request.module.S3_BUCKETS) as fs:
+        yield fs
+
+
+@pytest.fixture(scope="module")
+def ray_after_s3(s3, local_ray):
+    """Ray starts once the endpoint and credentials are in the environment, which its workers inherit."""
+    yield

@@ -22,7 +22,7 @@ from pipeline.sources import open_source
 from pipeline.storage import Location
 from pipeline.unit_work import process_unit, staged_result
 from pipeline_checks import file_bytes
-from s3_server import FAKE_KEY_ID, FAKE_SECRET, s3_server
+from s3_server import FAKE_KEY_ID, FAKE_SECRET
 from sinq_ops import QuantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,16 +33,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled"}
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server("src", "dst") as fs:
-        yield fs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_after_s3(s3, local_ray):
-    """Ray starts once the endpoint and credentials are in the environment, which its workers inherit."""
-    yield
+S3_BUCKETS = ("src", "dst")
+pytestmark = pytest.mark.usefixtures("ray_after_s3")
 
 
 @pytest.fixture(scope="module")

@@ -18,21 +18,12 @@ from pipeline.fixtures import write_llama_checkpoint
 from pipeline.manifest import verify
 from pipeline.nightly import CatalogResolver, load_watch_list, run_nightly
 from pipeline.storage import Location
-from s3_server import s3_server
 
 COMMITS = {"acme/alpha": "a" * 40, "acme/beta": "b" * 40}
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server("hub-mirror", "nightly") as fs:
-        yield fs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_after_s3(s3, local_ray):
-    """Ray starts once the endpoint and credentials are in the environment, which its workers inherit."""
-    yield
+S3_BUCKETS = ("hub-mirror", "nightly")
+pytestmark = pytest.mark.usefixtures("ray_after_s3")
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,12 @@ from pipeline.run import JobOptions, run_job
 from pipeline.sources import SourceError, open_source
 from pipeline.storage import Location
 from pipeline_checks import assert_output_matches_source, file_bytes
-from s3_server import FAKE_KEY_ID, FAKE_SECRET, s3_server
+from s3_server import FAKE_KEY_ID, FAKE_SECRET
 from sinq_ops import QuantConfig
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    with s3_server("models", "quantized") as fs:
-        yield fs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_after_s3(s3_endpoint, local_ray):
-    """Ray starts once the endpoint and credentials are in the environment, which its workers inherit."""
-    yield
+S3_BUCKETS = ("models", "quantized")
+pytestmark = pytest.mark.usefixtures("ray_after_s3")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +38,8 @@ def local_reference(checkpoint: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def s3_checkpoint(s3_endpoint, checkpoint: Path) -> str:
-    s3_endpoint.put(str(checkpoint) + "/", "models/tiny-llama/", recursive=True)
+def s3_checkpoint(s3, checkpoint: Path) -> str:
+    s3.put(str(checkpoint) + "/", "models/tiny-llama/", recursive=True)
     return "s3://models/tiny-llama"
 
 
@@ -60,15 +52,15 @@ def _download(fs: s3fs.S3FileSystem, url: str, to: Path) -> Path:
 
 @pytest.mark.parametrize(("src_kind", "dst_kind"), [("local", "s3"), ("s3", "s3"), ("s3", "local")])
 def test_s3_paths_give_the_same_bytes_as_local(
-    src_kind: str, dst_kind: str, s3_endpoint, checkpoint: Path, s3_checkpoint: str, local_reference: Path, tmp_path: Path,
+    src_kind: str, dst_kind: str, s3, checkpoint: Path, s3_checkpoint: str, local_reference: Path, tmp_path: Path,
 ) -> None:
     src = s3_checkpoint if src_kind == "s3" else str(checkpoint)
     dst = f"s3://quantized/{src_kind}-to-s3" if dst_kind == "s3" else str(tmp_path / "out")
     manifest = run_job(JobOptions(model=src, out=dst, workers=2, max_shard_size=150_000), log=lambda _: None)
     verify(Location(dst))
-    got = _download(s3_endpoint, dst, tmp_path / "got") if dst_kind == "s3" else Path(dst)
+    got = _download(s3, dst, tmp_path / "got") if dst_kind == "s3" else Path(dst)
     assert file_bytes(got) == file_bytes(local_reference)
-    assert not any(".staging" in k for k in s3_endpoint.find("quantized"))
+    assert not any(".staging" in k for k in s3.find("quantized"))
     if src_kind == "s3":
         etags = manifest["source"]["files"]
         assert set(etags) >= {"config.json", "model-00001-of-00002.safetensors"}
@@ -76,7 +68,7 @@ def test_s3_paths_give_the_same_bytes_as_local(
         assert FAKE_SECRET not in str(manifest) and FAKE_KEY_ID not in str(manifest)
 
 
-def test_large_shards_go_up_as_multipart_uploads(s3_endpoint, tmp_path: Path) -> None:
+def test_large_shards_go_up_as_multipart_uploads(s3, tmp_path: Path) -> None:
     src = write_llama_checkpoint(tmp_path / "wide", layers=1, hidden=512, intermediate=512, vocab=8192, shards=1, seed=3)
     part = 5 * 1024 * 1024
     run_job(JobOptions(model=str(src), out="s3://quantized/multipart", workers=1, part_size=part), log=lambda _: None)
@@ -84,15 +76,15 @@ def test_large_shards_go_up_as_multipart_uploads(s3_endpoint, tmp_path: Path) ->
     run_job(JobOptions(model=str(src), out=str(local), workers=1), log=lambda _: None)
     shard = "model-00001-of-00001.safetensors"
     assert (local / shard).stat().st_size > 3 * part
-    etag = s3_endpoint.info(f"quantized/multipart/{shard}")["ETag"].strip('"')
+    etag = s3.info(f"quantized/multipart/{shard}")["ETag"].strip('"')
     assert "-" in etag and int(etag.rsplit("-", 1)[1]) >= 3  # S3 marks multipart ETags "<md5>-<parts>"
-    assert s3_endpoint.cat_file(f"quantized/multipart/{shard}") == (local / shard).read_bytes()
+    assert s3.cat_file(f"quantized/multipart/{shard}") == (local / shard).read_bytes()
 
 
-def test_s3_output_without_manifest_does_not_verify(s3_endpoint, s3_checkpoint: str) -> None:
+def test_s3_output_without_manifest_does_not_verify(s3, s3_checkpoint: str) -> None:
     dst = "s3://quantized/partial"
     run_job(JobOptions(model=s3_checkpoint, out=dst, workers=1), log=lambda _: None)
-    s3_endpoint.rm(f"quantized/partial/{MANIFEST_NAME}")
+    s3.rm(f"quantized/partial/{MANIFEST_NAME}")
     with pytest.raises(ValueError, match="no manifest.json"):
         verify(Location(dst))
 
