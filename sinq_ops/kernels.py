@@ -6,7 +6,8 @@ A small tile is balanced by one program holding it in registers; a tall tile's r
 many programs, and each step ends in a per-tile decision kernel, so the stop rule runs on the device
 and the host only queues launches. Each quantize program owns a block of packed rows and writes them
 in the reference layout directly. The torch functions in ``sinkhorn``, ``rounding`` and ``packing``
-are the specification these follow step by step; only float summation order differs.
+are the specification these follow step by step; only float rounding differs (summation order,
+multiplications by reciprocals where the specification divides).
 """
 
 from __future__ import annotations
@@ -39,14 +40,16 @@ def _round_half_even(x):
 @triton.jit
 def _std(s1, s2, n):
     """Sample standard deviation from the sum and the sum of squares of ``n`` values."""
-    return tl.sqrt(tl.maximum((s2 - s1 * s1 / n) / (n - 1), 0.0))
+    inv_n = 1.0 / n
+    inv_n1 = 1.0 / (n - 1)
+    return tl.sqrt(tl.maximum((s2 - s1 * s1 * inv_n) * inv_n1, 0.0))
 
 
 @triton.jit
-def _stepped(log_s, std, target, std_min, std_max, step_min, step_max, log_min, log_max):
+def _stepped(log_s, std, inv_target, std_min, std_max, step_min, step_max, log_min, log_max):
     """One Sinkhorn update of log scales: by the log of the clamped ratio of each deviation to the
     tile's target, the result clamped too."""
-    step = tl.log(tl.minimum(tl.maximum(tl.minimum(tl.maximum(std, std_min), std_max) / target, step_min), step_max))
+    step = tl.log(tl.minimum(tl.maximum(tl.minimum(tl.maximum(std, std_min), std_max) * inv_target, step_min), step_max))
     return tl.minimum(tl.maximum(log_s + step, log_min), log_max)
 
 
@@ -105,8 +108,8 @@ def _sinkhorn_resident_kernel(
         best_r = tl.where(better, log_r, best_r)
         best_c = tl.where(better, log_c, best_c)
         update = better & (step < iters)
-        moved_r = _stepped(log_r, row_std, target, std_min, std_max, step_min, step_max, log_min, log_max)
-        moved_c = _stepped(log_c, col_std, target, std_min, std_max, step_min, step_max, log_min, log_max)
+        moved_r = _stepped(log_r, row_std, 1.0 / target, std_min, std_max, step_min, step_max, log_min, log_max)
+        moved_c = _stepped(log_c, col_std, 1.0 / target, std_min, std_max, step_min, step_max, log_min, log_max)
         log_r = tl.where(update, moved_r, log_r)
         log_c = tl.where(update, moved_c, log_c)
         go = update.to(tl.int32)
@@ -121,13 +124,14 @@ def _sinkhorn_rows_kernel(
     log_c_ptr, flags_ptr, target_ptr, part_ptr, ext_ptr,
     K, R, C, tiles_per_row, chunks, chunk_rows, step,
     std_min, std_max, step_min, step_max, log_min, log_max,
-    STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    STATS: tl.constexpr, EVEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """A block of rows of one tile: carry out the previous step's row decisions, then (``STATS``)
     sum the tile's columns over these rows and record the rows' deviations and extremes.
 
     Row state is read from one buffer and written to another (they swap every step): a value one
-    thread stores can then never reach another thread's load of the old value in the same launch."""
+    thread stores can then never reach another thread's load of the old value in the same launch.
+    ``EVEN``: the rows fill whole blocks and the columns the block's width, so loads need no mask."""
     t = tl.program_id(0) // chunks
     ch = tl.program_id(0) % chunks
     cols = tl.arange(0, BLOCK_C)
@@ -137,12 +141,13 @@ def _sinkhorn_rows_kernel(
     state = t * R
     keep = tl.load(flags_ptr + 2 * t)
     move = tl.load(flags_ptr + 2 * t + 1)
-    target = tl.load(target_ptr + t)
+    inv_target = 1.0 / tl.load(target_ptr + t)
     start = ch * chunk_rows
     end = tl.minimum(start + chunk_rows, R)
     # Stats are due on the first step and after every update; a stopped tile's loop is empty.
     todo = tl.maximum(tl.maximum(keep, move), (step == 0).to(tl.int32))
     inv_c = tl.exp(-tl.load(log_c_ptr + t * C + cols, mask=cmask, other=0.0))
+    inv_c2 = inv_c * inv_c
     acc1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     hi = tl.full([BLOCK_R], -_INF, dtype=tl.float32)
@@ -155,23 +160,26 @@ def _sinkhorn_rows_kernel(
         tl.store(best_r_ptr + state + rows, log_r, mask=rows < end * keep)
         moved = rows < end * move
         row_std = tl.load(row_std_ptr + state + rows, mask=moved, other=1.0)
-        stepped = _stepped(log_r, row_std, target, std_min, std_max, step_min, step_max, log_min, log_max)
+        stepped = _stepped(log_r, row_std, inv_target, std_min, std_max, step_min, step_max, log_min, log_max)
         log_r = tl.where(moved, stepped, log_r)
         tl.store(log_r_out_ptr + state + rows, log_r, mask=rmask)
         if STATS:
-            offs = (row0 + rows).to(tl.int64)[:, None] * K + col_off[None, :]
-            x = tl.load(w_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float16).to(tl.float32)
+            block = w_ptr + (row0 + r).to(tl.int64) * K + (tl.arange(0, BLOCK_R)[:, None] * K + col_off[None, :])
+            if EVEN:
+                x = tl.load(block)
+            else:
+                x = tl.load(block, mask=rmask[:, None] & cmask[None, :], other=0.0)
+            x = x.to(tl.float16).to(tl.float32)
             inv_r = tl.exp(-log_r)
-            xc = x * inv_c[None, :]
-            s1 = tl.sum(xc, 1)
-            s2 = tl.sum(xc * xc, 1)
+            x2 = x * x
+            s1 = tl.sum(x * inv_c[None, :], 1)
+            s2 = tl.sum(x2 * inv_c2[None, :], 1)
             row_std = inv_r * _std(s1, s2, C)
             tl.store(row_std_out_ptr + state + rows, row_std, mask=rmask)
             hi = tl.maximum(hi, tl.where(rmask, row_std, -_INF))
             lo = tl.minimum(lo, tl.where(rmask, row_std, _INF))
-            xr = x * inv_r[:, None]
-            acc1 += xr
-            acc2 += xr * xr
+            acc1 += x * inv_r[:, None]
+            acc2 += x2 * (inv_r * inv_r)[:, None]
     if STATS:
         # Column sums and row extremes are reduced across threads once per program, not per block of rows.
         part = (t * chunks + ch) * 2 * C
@@ -218,7 +226,7 @@ def _sinkhorn_tile_kernel(
     tl.debug_barrier()
     # Stores are masked by cols < C * flag (flag 0 or 1): the column mask, switched off per tile.
     tl.store(best_c_ptr + t * C + cols, log_c, mask=cols < C * keep)
-    stepped = _stepped(log_c, col_std, target, std_min, std_max, step_min, step_max, log_min, log_max)
+    stepped = _stepped(log_c, col_std, 1.0 / target, std_min, std_max, step_min, step_max, log_min, log_max)
     tl.store(log_c_ptr + t * C + cols, stepped, mask=cols < C * move)
     tl.store(flags_ptr + 2 * t, keep)
     tl.store(flags_ptr + 2 * t + 1, move)
@@ -227,12 +235,24 @@ def _sinkhorn_tile_kernel(
 
 
 @triton.jit
+def _round_small(x, top):
+    """``x`` clamped to ``[0, top]`` and rounded half to even, for ``top`` below 2**22: adding and
+    taking away 1.5 * 2**23 leaves no fraction bits, so the float adder does the rounding."""
+    return (tl.minimum(tl.maximum(x, 0.0), top) + 12582912.0) - 12582912.0
+
+
+@triton.jit
 def _quantize_kernel(
-    w_ptr, r_ptr, c_ptr, mid_ptr, packed_ptr, scale_ptr, zero_ptr,
+    w_ptr, r_ptr, inv_c_ptr, mid_ptr, packed_ptr, scale_ptr, zero_ptr,
     K, groups, words, tiles_per_row, R, max_code, min_range,
     G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
     BITS: tl.constexpr, PER_WORD: tl.constexpr, N_LEVELS: tl.constexpr,
 ):
+    """Each program packs ``BLOCK_P`` words; slice ``s`` of a word is group ``s * words + p``.
+
+    Per value only multiplications: by the column scale's reciprocal, then by one reciprocal per
+    group (its row scale times its step) with the zero added in the same multiply-add.
+    """
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.arange(0, BLOCK_G)
     gmask = cols < G
@@ -246,21 +266,21 @@ def _quantize_kernel(
         tile = (row // R) * tiles_per_row + grp
         offs = row.to(tl.int64)[:, None] * K + (grp * G)[:, None] + cols[None, :]
         x = tl.load(w_ptr + offs, mask=m2, other=0.0).to(tl.float16).to(tl.float32)
-        c = tl.load(c_ptr + tile[:, None] * G + cols[None, :], mask=m2, other=1.0)
+        y = x * tl.load(inv_c_ptr + tile[:, None] * G + cols[None, :], mask=m2, other=1.0)
         r = tl.load(r_ptr + tile * R + row % R, mask=qmask, other=1.0)
-        x = x / c / r[:, None]
         if N_LEVELS == 0:
-            lo = tl.min(tl.where(gmask[None, :], x, _INF), 1)
-            hi = tl.max(tl.where(gmask[None, :], x, -_INF), 1)
+            # The row scale is positive, so the extremes of y / r are those of y divided by r.
+            lo = tl.min(tl.where(gmask[None, :], y, _INF), 1) / r
+            hi = tl.max(tl.where(gmask[None, :], y, -_INF), 1) / r
             scale = tl.maximum(hi - lo, min_range) / max_code
             zero = -_round_half_even(lo / scale)
-            code = _round_half_even(x / scale[:, None] + zero[:, None])
-            code = tl.minimum(tl.maximum(code, 0.0), max_code).to(tl.int32)
+            code = _round_small(y * (1.0 / (r * scale))[:, None] + zero[:, None], max_code).to(tl.int32)
         else:
+            x = y * (1.0 / r)[:, None]
             mean = tl.sum(x, 1) / G
             scale = tl.maximum(tl.max(tl.where(m2, tl.abs(x - mean[:, None]), 0.0), 1), min_range)
             zero = -mean / scale
-            normalised = x / scale[:, None] + zero[:, None]
+            normalised = x * (1.0 / scale)[:, None] + zero[:, None]
             code = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.int32)
             for level in tl.static_range(N_LEVELS - 1):
                 code += (normalised > tl.load(mid_ptr + level)).to(tl.int32)
@@ -272,23 +292,28 @@ def _quantize_kernel(
 
 
 @triton.jit
-def _stats_kernel(w_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+def _stats_kernel(w_ptr, out_ptr, numel, EVEN: tl.constexpr, BLOCK: tl.constexpr):
     """One block's mean and central moments 2-4 (fp16-rounded values) and extremes (raw values).
 
     A NaN anywhere makes the mean NaN. The moments share one reduction, as do the two extremes.
+    ``EVEN``: every block is full, so loads need no mask and can be vectorised.
     """
     start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    raw = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs = tl.arange(0, BLOCK)
+    if EVEN:
+        inside = offs < BLOCK
+        raw = tl.load(w_ptr + start + offs).to(tl.float32)
+    else:
+        inside = offs < numel - start
+        raw = tl.load(w_ptr + start + offs, mask=inside, other=0.0).to(tl.float32)
     x = raw.to(tl.float16).to(tl.float32)
     mean = tl.sum(x, 0) / tl.minimum(numel - start, BLOCK).to(tl.float32)
-    d = tl.where(mask, x - mean, 0.0)
+    d = tl.where(inside, x - mean, 0.0)
     d2 = d * d
     s2_s3, s4_0 = tl.split(tl.sum(tl.join(tl.join(d2, d2 * d), tl.join(d2 * d2, tl.zeros_like(d))), 0))
     s2, s3 = tl.split(s2_s3)
     s4, _ = tl.split(s4_0)
-    neg_lo, hi = tl.split(tl.max(tl.join(tl.where(mask, -raw, -_INF), tl.where(mask, raw, -_INF)), 0))
+    neg_lo, hi = tl.split(tl.max(tl.join(tl.where(inside, -raw, -_INF), tl.where(inside, raw, -_INF)), 0))
     out = out_ptr + 6 * tl.program_id(0)
     tl.store(out, mean)
     tl.store(out + 1, s2)
@@ -309,7 +334,7 @@ def weight_stats(w: Tensor) -> tuple[float, float, float]:
     numel = w.numel()
     programs = triton.cdiv(numel, block)
     part = torch.empty(programs, 6, dtype=torch.float32, device=w.device)
-    _stats_kernel[(programs,)](w, part, numel, BLOCK=block, **_OPTIONS)
+    _stats_kernel[(programs,)](w, part, numel, EVEN=numel % block == 0, BLOCK=block, **_OPTIONS)
     p = part.double()
     counts = torch.full((programs,), float(block), dtype=torch.float64, device=w.device)
     counts[-1] = numel - (programs - 1) * block
@@ -369,6 +394,7 @@ def sinkhorn_scales(
     if chunk_rows % block_r:
         raise ValueError(f"rows_per_program={chunk_rows} must be a multiple of {block_r}")
     chunks = triton.cdiv(rows, chunk_rows)
+    even = rows % block_r == 0 and cols == block_c
     log_r, row_std = torch.zeros(2, tiles, rows, **f32), torch.zeros(2, tiles, rows, **f32)  # swapped each step
     best_r = torch.zeros(tiles, rows, **f32)
     log_c, best_c = torch.zeros(tiles, cols, **f32), torch.zeros(tiles, cols, **f32)
@@ -381,7 +407,7 @@ def sinkhorn_scales(
         _sinkhorn_rows_kernel[(tiles * chunks,)](
             w, log_r[now], log_r[then], best_r, row_std[now], row_std[then], log_c, flags, target, part, ext,
             k, rows, cols, tiles_per_row, chunks, chunk_rows, step, *bounds,
-            STATS=stats, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8, **_OPTIONS,
+            STATS=stats, EVEN=even, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8, **_OPTIONS,
         )
 
     for step in range(iters + 1):
@@ -424,7 +450,7 @@ def quantize_groups(
     heavy = spec.per_word >= 5 or config.codebook_name is not None
     block_p = max(1, min(triton.next_power_of_2(words), (2048 if heavy else 4096) // block_g))
     _quantize_kernel[(triton.cdiv(words, block_p),)](
-        w, row_scale, col_scale, midpoints, packed, scale, zero,
+        w, row_scale, col_scale.reciprocal(), midpoints, packed, scale, zero,
         k, groups, words, k // g, tile_rows, float(config.max_code), _MIN_RANGE,
         G=g, BLOCK_G=block_g, BLOCK_P=block_p, BITS=spec.bits, PER_WORD=spec.per_word,
         N_LEVELS=midpoints.numel() + 1 if config.codebook_name else 0, **_OPTIONS,
