@@ -242,6 +242,14 @@ def _round_small(x, top):
 
 
 @triton.jit
+def _divided(y, d, inv):
+    """``y / d`` correctly rounded, as the torch path divides, from ``inv``, the correctly rounded
+    ``1 / d``: a product and one fused correction (Markstein) instead of a division per value."""
+    q = y * inv
+    return tl.fma(tl.fma(-q, d, y), inv, q)
+
+
+@triton.jit
 def _quantize_kernel(
     w_ptr, r_ptr, inv_c_ptr, mid_ptr, packed_ptr, scale_ptr, zero_ptr,
     K, groups, words, tiles_per_row, R, max_code, min_range,
@@ -250,8 +258,9 @@ def _quantize_kernel(
 ):
     """Each program packs ``BLOCK_P`` words; slice ``s`` of a word is group ``s * words + p``.
 
-    Per value only multiplications: by the column scale's reciprocal, then by one reciprocal per
-    group (its row scale times its step) with the zero added in the same multiply-add.
+    Per value only multiplications: by the column scale's reciprocal, then a division by the
+    group's row scale times its step done as a product and a fused correction. Per group the
+    divisions that set the step and the zero are IEEE ones, as in the torch path.
     """
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.arange(0, BLOCK_G)
@@ -272,15 +281,18 @@ def _quantize_kernel(
             # The row scale is positive, so the extremes of y / r are those of y divided by r.
             lo = tl.min(tl.where(gmask[None, :], y, _INF), 1) / r
             hi = tl.max(tl.where(gmask[None, :], y, -_INF), 1) / r
-            scale = tl.maximum(hi - lo, min_range) / max_code
-            zero = -_round_half_even(lo / scale)
-            code = _round_small(y * (1.0 / (r * scale))[:, None] + zero[:, None], max_code).to(tl.int32)
+            scale = tl.div_rn(tl.maximum(hi - lo, min_range), max_code)
+            zero = -_round_half_even(tl.div_rn(lo, scale))
+            d = r * scale
+            normalised = _divided(y, d[:, None], tl.div_rn(tl.full([BLOCK_P], 1.0, tl.float32), d)[:, None])
+            code = _round_small(normalised + zero[:, None], max_code).to(tl.int32)
         else:
-            x = y * (1.0 / r)[:, None]
+            x = y * tl.div_rn(tl.full([BLOCK_P], 1.0, tl.float32), r)[:, None]
             mean = tl.sum(x, 1) / G
             scale = tl.maximum(tl.max(tl.where(m2, tl.abs(x - mean[:, None]), 0.0), 1), min_range)
-            zero = -mean / scale
-            normalised = x * (1.0 / scale)[:, None] + zero[:, None]
+            zero = -tl.div_rn(mean, scale)
+            inv = tl.div_rn(tl.full([BLOCK_P], 1.0, tl.float32), scale)
+            normalised = _divided(x, scale[:, None], inv[:, None]) + zero[:, None]
             code = tl.zeros([BLOCK_P, BLOCK_G], dtype=tl.int32)
             for level in tl.static_range(N_LEVELS - 1):
                 code += (normalised > tl.load(mid_ptr + level)).to(tl.int32)

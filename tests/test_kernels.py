@@ -87,6 +87,17 @@ def test_group_counts_that_leave_a_partial_packed_word(interpret: None) -> None:
     _assert_same_quantization(llm_like(203, 128, seed=12), QuantConfig(bits=2))
 
 
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_without_sinkhorn_codes_equal_the_torch_path_exactly(interpret: None, bits: int) -> None:
+    """With unit scales both paths divide the same values by the same steps, so every code must
+    agree, also for groups far from zero, where each code sits thousands of steps from the zero."""
+    w = (10 + 0.05 * torch.randn(64, 512, generator=torch.Generator().manual_seed(19))).half()
+    ours = quantize(w, bits=bits, method="rtn", backend="torch")
+    fast = quantize(w.to(DEVICE), bits=bits, method="rtn", backend="triton").to("cpu")
+    assert torch.equal(_codes(fast), _codes(ours))
+    assert torch.equal(_values(fast.scale), _values(ours.scale)) and torch.equal(_values(fast.zero), _values(ours.zero))
+
+
 def test_gated_matrix_skips_sinkhorn_on_both_paths(interpret: None) -> None:
     w = heavy_tailed(128, 512, seed=4)
     _assert_same_quantization(w, QuantConfig(bits=4))
