@@ -164,7 +164,7 @@ def _sinkhorn_rows_kernel(
         log_r = tl.where(moved, stepped, log_r)
         tl.store(log_r_out_ptr + state + rows, log_r, mask=rmask)
         if STATS:
-            block = w_ptr + (row0 + r).to(tl.int64) * K + (tl.arange(0, BLOCK_R)[:, None] * K + col_off[None, :])
+            block = w_ptr + (row0 + r).to(tl.int64) * K + (tl.arange(0, BLOCK_R).to(tl.int64)[:, None] * K + col_off[None, :])
             if EVEN:
                 x = tl.load(block)
             else:
