@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util import ActorPool
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -30,6 +30,7 @@ from .unit_work import staged_names
 from .workers import QuantizeWorker, Reducer
 
 STAGING_DIR = ".staging"
+_STOP_WAIT_S = 30.0
 
 
 class JobError(RuntimeError):
@@ -142,6 +143,17 @@ def _on_driver_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
+def _stop(actors: list) -> None:
+    """Kill the actors and wait until each is gone, so that none is still writing afterwards."""
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    for actor in actors:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=_STOP_WAIT_S)
+        except (RayActorError, GetTimeoutError):
+            pass
+
+
 def _unwrap(exc: Exception) -> str:
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
@@ -178,6 +190,7 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     pending_adds = []
     reused = 0
     progress = Progress(len(plan.units), plan.in_bytes, len(workers), log)
+    done = False
     try:
         pool = ActorPool(workers)
         results = pool.map_unordered(lambda actor, unit: actor.process.remote(unit), plan.units)
@@ -191,11 +204,14 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
         run_info = {"wall_s": round(time.perf_counter() - t_start, 3), "workers": len(workers),
                     "units_reused": reused}
         manifest = ray.get(reducer.finish.remote(run_info, key))
+        done = True
     except (RayTaskError, RayActorError) as exc:
         raise JobError(_unwrap(exc)) from None
     finally:
-        for actor in [*workers, reducer]:
-            ray.kill(actor)
+        _stop([*workers, reducer])
+        if not done:
+            # A worker given its next unit just before the failure may have been killed mid-write.
+            staging.remove_partials()
     dest.remove(f"{STAGING_DIR}/{staging.url.rsplit('/', 1)[-1]}", recursive=True)
     dest.remove_empty_dir(STAGING_DIR)
     return manifest

@@ -17,6 +17,9 @@ from typing import BinaryIO, Iterator
 import fsspec
 from fsspec.core import url_to_fs
 
+# Marks a local file still being written; it gets its final name only once complete.
+PARTIAL = ".partial-"
+
 
 @dataclass(frozen=True)
 class StorageOptions:
@@ -144,6 +147,15 @@ class Location:
             return False
         return True
 
+    def remove_partials(self) -> None:
+        """Remove the unfinished files that writers killed mid-write left directly under this location.
+
+        Only local writes leave any: an object store never shows an upload that did not complete.
+        """
+        for name in self.list():
+            if PARTIAL in name:
+                self.remove(name)
+
     def remove_empty_dir(self, name: str) -> None:
         """Local directories only: object stores have no empty directories to leave behind."""
         path = self.path(name)
@@ -161,7 +173,7 @@ class Location:
         path = f"{root}/{name}"
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+            tmp = f"{path}{PARTIAL}{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as f:
                     yield f

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from fault_proxy import FaultProxy
 from pipeline.fixtures import write_llama_checkpoint
@@ -161,6 +162,25 @@ def test_disk_full_fails_cleanly(tmp_path: Path) -> None:
     assert len(ours) == 1 and "File too large" in ours[0], proc.stderr[-2000:]
     assert not (out / MANIFEST_NAME).exists() and not list(out.glob("model-*.safetensors"))
     assert not list(out.rglob("*.partial-*"))
+
+
+def test_a_failed_job_stops_its_workers_then_removes_unfinished_files(tmp_path: Path) -> None:
+    """Staged units stay for a rerun; files a killed writer left unfinished do not."""
+    src = write_llama_checkpoint(tmp_path / "m", layers=2, hidden=64, intermediate=128, vocab=64, shards=1, seed=5)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 4] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    opts = JobOptions(model=str(src), out=str(out), workers=1)
+    with pytest.raises(JobError, match="NaN or Inf"):
+        run_job(opts, log=lambda _: None)
+    (staging,) = (out / ".staging").iterdir()
+    staged = sorted(p.name for p in staging.iterdir())
+    assert staged  # the units before the poisoned one
+    (staging / "unit-00003.safetensors.partial-0badf00d").write_bytes(b"\0" * 100)
+    with pytest.raises(JobError, match="NaN or Inf"):
+        run_job(opts, log=lambda _: None)
+    assert sorted(p.name for p in staging.iterdir()) == staged
 
 
 def test_destination_that_refuses_writes_fails_at_once(checkpoint: Path) -> None:
