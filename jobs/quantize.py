@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="measure perplexity of source and output afterwards (eval.json)")
     p.add_argument("--eval-windows", type=int, help="with --eval: only the first N windows of the text")
     p.add_argument("--eval-text", default=default_text(), help="with --eval: text file (default: WikiText-2 test)")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete output of another model or config")
+    p.add_argument("--overwrite", action="store_true", help="replace a complete output of another job (model, config, selection or tool version)")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--profile", help="AWS profile name for S3 credentials")
     p.add_argument("--upload-part-size", dest="part_size", type=_size, default=parse_size("64MiB"),

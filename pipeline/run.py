@@ -79,7 +79,7 @@ def run_key(plan: Plan, opts: JobOptions) -> str:
 
 def _existing_output(dest: Location, key: str, opts: JobOptions) -> dict | None:
     """The manifest of a complete output of this very job, else None. Refuses to replace a
-    complete output of another model or config unless ``opts.overwrite``."""
+    complete output of another job unless ``opts.overwrite``."""
     if not dest.exists(MANIFEST_NAME):
         return None
     try:
@@ -89,7 +89,8 @@ def _existing_output(dest: Location, key: str, opts: JobOptions) -> dict | None:
     if old is not None and old.get("run_key") == key and not opts.overwrite:
         return old
     if old is not None and not opts.overwrite:
-        raise JobError(f"{dest.url} already holds a complete output of another model or config; pass --overwrite to replace it")
+        raise JobError(f"{dest.url} already holds a complete output of another job (model, config, tensor selection "
+                       "or tool version); pass --overwrite to replace it")
     dest.remove(MANIFEST_NAME)  # from here on the output is incomplete until the new manifest lands
     return None
 
