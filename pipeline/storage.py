@@ -152,6 +152,8 @@ class Location:
 
         Only local writes leave any: an object store never shows an upload that did not complete.
         """
+        if not self.is_local:
+            return
         for name in self.list():
             if PARTIAL in name:
                 self.remove(name)
