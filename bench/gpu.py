@@ -34,6 +34,7 @@ os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 from matrices import llm_like  # noqa: E402
 from oracle import reference_quantize  # noqa: E402
 
+from pipeline.synthetic import decoder_matrices  # noqa: E402
 from sinq_ops import QuantConfig, kernels, quantize  # noqa: E402
 from sinq_ops.config import SINKHORN_ITERS  # noqa: E402
 from sinq_ops.packing import unpack  # noqa: E402
@@ -41,8 +42,7 @@ from sinq_ops.packing import unpack  # noqa: E402
 MAIN = [QuantConfig(bits=b, group_size=g) for b in (4, 3) for g in (64, 128)]
 OTHERS = [QuantConfig(bits=4, tiling="2D"), QuantConfig(bits=4, method="nf4"), QuantConfig(bits=3, method="nf3"),
           *(QuantConfig(bits=b) for b in (2, 5, 6, 8))]
-LLAMA_70B = [("q/o_proj", 8192, 8192, 2), ("k/v_proj", 1024, 8192, 2),
-             ("gate/up_proj", 28672, 8192, 2), ("down_proj", 8192, 28672, 1)]
+LLAMA_70B = decoder_matrices("llama-70b")
 
 
 def cuda_ms(fn, repeats: int) -> float:

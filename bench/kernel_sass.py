@@ -28,12 +28,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import triton  # noqa: E402
 
+from pipeline.synthetic import decoder_matrices  # noqa: E402
 from sinq_ops.config import SINKHORN_ITERS  # noqa: E402
 from sm90 import LLAMA_70B_BUILDS, compile_for_h100, hot_loop, machine_code  # noqa: E402
 
 SMS, SCHEDULERS = 132, 4  # H100 SXM
 BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-LAYER_ELEMENTS = 2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 28672 * 8192  # q, o, k, v, gate, up, down
+LAYER_ELEMENTS = sum(n * k * count for _, n, k, count in decoder_matrices("llama-70b"))
 
 
 def main() -> None:

@@ -24,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from matrices import llm_like  # noqa: E402
 from oracle import reference_dequantize, reference_quantize  # noqa: E402
 
+from pipeline.synthetic import decoder_matrices  # noqa: E402
 from sinq_ops import QuantConfig, quantize, relative_error  # noqa: E402
 
-# (name, out_features, in_features, tensors of this shape in one decoder layer)
-LLAMA_70B = [("q/o_proj", 8192, 8192, 2), ("k/v_proj", 1024, 8192, 2),
-             ("gate/up_proj", 28672, 8192, 2), ("down_proj", 8192, 28672, 1)]
+LLAMA_70B = decoder_matrices("llama-70b")  # (names, out_features, in_features, count in a layer)
 
 
 def _timed(fn, device: str, repeats: int):

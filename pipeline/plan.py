@@ -18,7 +18,7 @@ from .sources import Source
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.(\d+))\.")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # GPU memory the Triton path allocates per byte of a weight's fp16 size (outputs and scratch; at most
-# 0.54 in bench/kernel_memory.py), and the error check's float32 row blocks.
+# 0.57 in bench/kernel_memory.py), and the error check's float32 row blocks.
 GPU_WORK_PER_FP16_BYTE = 0.6
 _ERROR_BLOCKS = 128 << 20
 

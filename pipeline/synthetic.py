@@ -96,6 +96,23 @@ class SyntheticSource(Source):
         return out
 
 
+def decoder_matrices(shape_name: str) -> list[tuple[str, int, int, int]]:
+    """The weight matrices of one decoder layer of a named shape, grouped by shape:
+    ``(names, out_features, in_features, count)``, e.g. ``("q/o_proj", 8192, 8192, 2)``."""
+    hidden, inter, heads, kv, vocab, _ = SHAPES[shape_name]
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, shape in llama_layer_shapes(llama_config(1, hidden, inter, vocab, heads, kv), 0).items():
+        if len(shape) == 2:
+            groups.setdefault(shape, []).append(name.split(".")[-2])
+    return [(_joined(names), n, k, len(names)) for (n, k), names in groups.items()]
+
+
+def _joined(names: list[str]) -> str:
+    """``["q_proj", "o_proj"]`` -> ``"q/o_proj"``."""
+    suffix = "_" + names[0].split("_")[-1]
+    return "/".join(n.removesuffix(suffix) for n in names) + suffix
+
+
 def _generator(key: str) -> torch.Generator:
     digest = hashlib.sha256(key.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))

@@ -10,6 +10,7 @@ import torch
 from pipeline.plan import make_plan
 from pipeline.run import JobOptions, run_job
 from pipeline.sources import SourceError, open_source
+from pipeline.synthetic import decoder_matrices
 from pipeline_checks import file_bytes, read_dir_tensors
 from sinq_ops import QuantConfig, quantize
 from sinq_ops.config import KURTOSIS_GATE
@@ -27,6 +28,11 @@ def test_llama_70b_plans_at_full_scale_without_generating_data() -> None:
     layer = next(u for u in plan.units if u.name == "model.layers.0")
     assert {t.info.shape for t in layer.tasks if t.quantize} == {(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)}
     assert 4 * (plan.gpu_memory_bytes() + 0.5e9) < 24e9  # four GPU workers, CUDA contexts included, fit a 24 GB card
+    # The benches' per-layer table (grouped shapes) describes the same layer the source generates.
+    matrices = decoder_matrices("llama-70b")
+    assert sorted(t.info.shape for t in layer.tasks if t.quantize) == sorted(
+        (n, k) for _, n, k, count in matrices for _ in range(count))
+    assert [name for name, *_ in matrices] == ["q/o_proj", "k/v_proj", "gate/up_proj", "down_proj"]
 
 
 def test_tiny_synthetic_job_is_deterministic_and_quantizes_the_generated_weights(tmp_path: Path) -> None:
