@@ -34,7 +34,7 @@ os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 from matrices import llm_like  # noqa: E402
 from oracle import reference_quantize  # noqa: E402
 
-from pipeline.synthetic import decoder_matrices  # noqa: E402
+from pipeline.sources.synthetic import decoder_matrices  # noqa: E402
 from sinq_ops import QuantConfig, kernels, quantize  # noqa: E402
 from sinq_ops.config import SINKHORN_ITERS  # noqa: E402
 from sinq_ops.packing import unpack  # noqa: E402
@@ -140,7 +140,8 @@ def gpu_utilisation(stop: threading.Event, samples: list[float]) -> None:
 def pipeline(layers: int, cfg: QuantConfig) -> None:
     import ray
 
-    from pipeline.run import JobOptions, run_job
+    from pipeline.job.options import JobOptions
+    from pipeline.job.run import run_job
 
     ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
     work = Path(tempfile.mkdtemp(prefix="sinq-gpu-"))

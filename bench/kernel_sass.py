@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import triton  # noqa: E402
 
-from pipeline.synthetic import decoder_matrices  # noqa: E402
+from pipeline.sources.synthetic import decoder_matrices  # noqa: E402
 from sinq_ops.config import SINKHORN_ITERS  # noqa: E402
 from sm90 import LLAMA_70B_BUILDS, compile_for_h100, hot_loop, machine_code  # noqa: E402
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and the tests' checkpoint writers
 
-from pipeline.fixtures import write_llama_checkpoint  # noqa: E402
+from checkpoints import write_llama_checkpoint  # noqa: E402
 
 ENV = {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled"}
 RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of this interpreter's environment

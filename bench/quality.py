@@ -29,10 +29,11 @@ os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 from oracle import reference_dequantize, reference_quantize  # noqa: E402
 
 from jobs.evaluate import default_text  # noqa: E402
-from pipeline.demo_model import smollm2_checkpoint  # noqa: E402
+from jobs.demo_model import smollm2_checkpoint  # noqa: E402
 from pipeline.evaluate import perplexity, text_windows  # noqa: E402
 from pipeline.loader import load_quantized  # noqa: E402
-from pipeline.run import JobOptions, run_job  # noqa: E402
+from pipeline.job.options import JobOptions  # noqa: E402
+from pipeline.job.run import run_job  # noqa: E402
 from sinq_ops import QuantConfig  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def main() -> None:
             ppl = {}
             for method in ("rtn", "sinq"):
                 out = work / f"{method}-{bits}-{group}"
-                run_job(JobOptions(model=str(src), out=str(out), bits=bits, group_size=group, method=method, workers=2),
+                run_job(JobOptions(model=str(src), out=str(out), quant=QuantConfig(bits=bits, group_size=group, method=method), workers=2),
                         log=lambda _: None)
                 ppl[method] = perplexity(load_quantized(str(out)), ids).ppl
             ppl["ref"] = perplexity(reference_sinq_model(src, bits, group), ids).ppl

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from matrices import llm_like  # noqa: E402
 from oracle import reference_dequantize, reference_quantize  # noqa: E402
 
-from pipeline.synthetic import decoder_matrices  # noqa: E402
+from pipeline.sources.synthetic import decoder_matrices  # noqa: E402
 from sinq_ops import QuantConfig, quantize, relative_error  # noqa: E402
 
 LLAMA_70B = decoder_matrices("llama-70b")  # (names, out_features, in_features, count in a layer)

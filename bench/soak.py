@@ -22,11 +22,12 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and the tests' checkpoint writers
 os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 
-from pipeline.fixtures import write_llama_checkpoint  # noqa: E402
-from pipeline.run import JobOptions, run_job  # noqa: E402
+from checkpoints import write_llama_checkpoint  # noqa: E402
+from pipeline.job.options import JobOptions  # noqa: E402
+from pipeline.job.run import run_job  # noqa: E402
 
 
 def files(d: Path) -> dict[str, bytes]:

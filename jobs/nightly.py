@@ -1,6 +1,7 @@
 """Quantize the new commits of watched Hub repos, once each, and write a run report.
 
-    python -m jobs.nightly --watch cluster/watch.yaml [--catalog FILE] [--verify-hashes]
+    sinq-nightly --watch cluster/watch.yaml [--catalog FILE] [--verify-hashes]
+    python -m jobs.nightly ...           (the same)
 
 Each watched repo's branch or tag is resolved to a commit (on the Hub, or from a local
 catalogue file with --catalog); every config without a complete output at
@@ -13,18 +14,22 @@ import argparse
 import json
 import sys
 
-from pipeline.nightly import CatalogResolver, HubResolver, load_watch_list, run_nightly
-from pipeline.storage import StorageOptions
+from jobs import cli
+from pipeline.io.storage import StorageOptions
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.nightly", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sinq-nightly", description=__doc__.split("\n\n")[0])
     p.add_argument("--watch", required=True, help="watch list (YAML or TOML)")
     p.add_argument("--catalog", help="resolve repos from this local catalogue instead of the Hub")
     p.add_argument("--verify-hashes", action="store_true", help="check every output file's sha256, not only sizes")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--quiet-jobs", action="store_true", help="do not print each job's progress lines")
+    cli.add_common_flags(p)
     args = p.parse_args(argv)
+    cli.setup_logging(args.log_level)
+    from pipeline.nightly import CatalogResolver, HubResolver, load_watch_list, run_nightly
+
     try:
         watch = load_watch_list(args.watch)
         resolver = CatalogResolver(args.catalog) if args.catalog else HubResolver()
@@ -33,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             job_log=(lambda _: None) if args.quiet_jobs else print,
         )
     except (ValueError, OSError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        return 1
+        return cli.fail(exc)
     c = report["counts"]
     print(f"nightly: {c['new']} new, {c['done']} done, {c['skipped']} skipped, {c['failed']} failed; report {report['report']}")
     print(json.dumps(c))

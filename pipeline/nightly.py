@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from . import locks
-from .manifest import IncompleteOutput, verify
-from .run import JobError, JobOptions, run_job
-from .settings import job_settings, load_file
-from .storage import Location, StorageOptions
+from .io import locks
+from .io.storage import Location, StorageOptions
+from .job.options import JobOptions, job_settings
+from .job.run import JobError, run_job
+from .job.settings import load_file
+from .output.manifest import IncompleteOutput, verify
 
 REPORT_FORMAT = "sinq-cluster-nightly/1"
 
@@ -158,8 +159,9 @@ def run_nightly(
                     row.update(status="skipped", reason="completed by another run", new=False)
                     continue
                 settings = {**watch.job, **cfg.settings}
-                opts = JobOptions(**{**settings, "model": resolved.source, "out": out_url})
-                opts = dataclasses.replace(opts, endpoint_url=opts.endpoint_url or storage.endpoint_url)
+                opts = JobOptions.from_settings({**settings, "model": resolved.source, "out": out_url})
+                opts = dataclasses.replace(opts, storage=dataclasses.replace(
+                    opts.storage, endpoint_url=opts.storage.endpoint_url or storage.endpoint_url))
                 manifest = run_job(opts, log=job_log)
                 row.update(status="done", seconds=round(time.perf_counter() - t0, 2),
                            output_bytes=manifest["totals"]["output_bytes"])

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import aux8, packing
 from .config import KURTOSIS_GATE, SINKHORN_ITERS, QuantConfig
+from .memory import ERROR_BLOCK_ELEMENTS
 from .rounding import codebook, decode, round_codebook, round_uniform
 from .sinkhorn import kurtosis, sinkhorn_scales
 
@@ -353,13 +354,10 @@ def quantized_layout(shape: tuple[int, int], config: QuantConfig) -> dict[str, t
     return out
 
 
-_ERROR_BLOCK = 1 << 22
-
-
 def relative_error(weight: Tensor, quantized: QuantizedWeight) -> float:
     """``||W - deq(W)|| / ||W||`` on the weight's device, a few million elements at a time."""
     diff = norm = torch.zeros((), dtype=torch.float64, device=weight.device)
-    for r0, block in quantized.row_blocks(_ERROR_BLOCK):
+    for r0, block in quantized.row_blocks(ERROR_BLOCK_ELEMENTS):
         w = weight[r0:r0 + block.shape[0]].float()
         diff = diff + (w - block.to(w.device)).square_().sum(dtype=torch.float64)
         norm = norm + w.square().sum(dtype=torch.float64)

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipeline.manifest import MANIFEST_NAME
-from pipeline.model_buffers import model_buffers
+from pipeline.output.manifest import MANIFEST_NAME
+from pipeline.architecture import model_buffers
 from sinq_ops import QuantConfig, quantize
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from jobs import quantize as cli
-from pipeline.fixtures import write_llama_checkpoint
-from pipeline.progress import Progress
+from checkpoints import write_llama_checkpoint
+from pipeline.job.progress import Progress
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from pipeline.fixtures import write_llama_checkpoint
-from pipeline.run import JobOptions, run_job
+from checkpoints import write_llama_checkpoint
+from pipeline.job.options import JobOptions
+from pipeline.job.run import run_job
 from pipeline_checks import file_bytes
 
 

@@ -15,13 +15,14 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from fault_proxy import FaultProxy
-from pipeline.fixtures import write_llama_checkpoint
-from pipeline.manifest import MANIFEST_NAME, verify
-from pipeline.plan import make_plan
-from pipeline.run import JobError, JobOptions, run_job
+from checkpoints import write_llama_checkpoint
+from pipeline.output.manifest import MANIFEST_NAME, verify
+from pipeline.job.plan import make_plan
+from pipeline.job.options import JobOptions
+from pipeline.job.run import JobError, run_job
 from pipeline.sources import open_source
-from pipeline.storage import Location
-from pipeline.unit_work import process_unit, staged_result
+from pipeline.io.storage import Location, StorageOptions
+from pipeline.job.unit import process_unit, staged_result
 from pipeline_checks import file_bytes
 from s3_server import FAKE_KEY_ID, FAKE_SECRET
 from sinq_ops import QuantConfig
@@ -120,7 +121,7 @@ def test_a_different_config_never_reuses_staged_units(checkpoint: Path, tmp_path
     stale = out / ".staging" / "0123456789abcdef"
     stale.mkdir(parents=True)
     (stale / "unit-00000.json").write_text("{}")
-    run_job(JobOptions(model=str(checkpoint), out=str(out), workers=2, bits=3, overwrite=True), log=lines.append)
+    run_job(JobOptions(model=str(checkpoint), out=str(out), workers=2, quant=QuantConfig(bits=3), overwrite=True), log=lines.append)
     assert not any("resuming" in line for line in lines)
 
 
@@ -128,7 +129,7 @@ def test_throttling_and_dropped_connections_are_retried(s3, checkpoint: Path, cl
     s3.put(str(checkpoint) + "/", "src/m/", recursive=True)
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"], every=7) as proxy:
         run_job(JobOptions(model="s3://src/m", out="s3://dst/retried", workers=2, max_shard_size=500_000,
-                           endpoint_url=proxy.url), log=lambda _: None)
+                           storage=StorageOptions(endpoint_url=proxy.url)), log=lambda _: None)
         assert proxy.faults >= 5
     verify(Location("s3://dst/retried"))
     for name, data in file_bytes(clean).items():
@@ -139,8 +140,8 @@ def test_a_fault_that_outlasts_the_retries_fails_without_a_manifest(s3, checkpoi
     s3.put(str(checkpoint) + "/", "src/m2/", recursive=True)
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"], fail_writes=True) as proxy:
         with pytest.raises(JobError, match="SlowDown|reduce your request rate"):
-            run_job(JobOptions(model="s3://src/m2", out="s3://dst/failed", workers=1, max_attempts=2,
-                               endpoint_url=proxy.url), log=lambda _: None)
+            run_job(JobOptions(model="s3://src/m2", out="s3://dst/failed", workers=1,
+                               storage=StorageOptions(endpoint_url=proxy.url, max_attempts=2)), log=lambda _: None)
     assert not s3.exists(f"dst/failed/{MANIFEST_NAME}")
 
 

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jobs import quantize as cli
-from pipeline.fixtures import write_llama_checkpoint
-from pipeline.manifest import MANIFEST_NAME
+from checkpoints import write_llama_checkpoint
+from pipeline.output.manifest import MANIFEST_NAME
 
 W = "model.layers.0.mlp.up_proj.weight"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.fixtures import write_llama_checkpoint
-from pipeline.manifest import verify
-from pipeline.storage import Location
+from checkpoints import write_llama_checkpoint
+from pipeline.output.manifest import verify
+from pipeline.io.storage import Location
 from pipeline_checks import assert_output_matches_source
 from s3_server import FAKE_KEY_ID, FAKE_SECRET, free_port
 from sinq_ops import QuantConfig

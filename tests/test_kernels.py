@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from matrices import heavy_tailed, llm_like
-from pipeline.plan import GPU_WORK_PER_FP16_BYTE
+from sinq_ops.memory import GPU_WORK_PER_FP16_BYTE
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:

@@ -20,10 +20,11 @@ import oracle  # noqa: F401  (puts the reference package on the path)
 from jobs.evaluate import evaluate
 from matrices import llm_like
 from pipeline.evaluate import perplexity, text_windows
-from pipeline.fixtures import write_llama_checkpoint
+from checkpoints import write_llama_checkpoint
 from pipeline.loader import load_quantized
-from pipeline.manifest import MANIFEST_NAME, IncompleteOutput
-from pipeline.run import JobOptions, run_job
+from pipeline.output.manifest import MANIFEST_NAME, IncompleteOutput
+from pipeline.job.options import JobOptions
+from pipeline.job.run import run_job
 from sinq_ops import SINQLinear, quantize
 
 ROOT = Path(__file__).resolve().parents[1]

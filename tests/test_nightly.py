@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from jobs import nightly as nightly_cli
-from pipeline import locks
-from pipeline.fixtures import write_llama_checkpoint
-from pipeline.manifest import verify
+from pipeline.io import locks
+from checkpoints import write_llama_checkpoint
+from pipeline.output.manifest import verify
 from pipeline.nightly import CatalogResolver, load_watch_list, run_nightly
-from pipeline.storage import Location
+from pipeline.io.storage import Location
 
 COMMITS = {"acme/alpha": "a" * 40, "acme/beta": "b" * 40}
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.fixtures import write_llama_checkpoint
-from pipeline.manifest import MANIFEST_NAME, verify
-from pipeline.plan import PlanError
-from pipeline.run import JobError, JobOptions, run_job
-from pipeline.storage import Location
+from checkpoints import write_llama_checkpoint
+from pipeline.output.manifest import MANIFEST_NAME, verify
+from pipeline.job.plan import PlanError
+from pipeline.job.options import JobOptions
+from pipeline.job.run import JobError, run_job
+from pipeline.io.storage import Location
 from pipeline_checks import assert_output_matches_source, file_bytes
 from sinq_ops import QuantConfig
 

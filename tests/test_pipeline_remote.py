@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from pipeline.fixtures import write_llama_checkpoint
-from pipeline.manifest import MANIFEST_NAME, verify
-from pipeline.run import JobOptions, run_job
+from checkpoints import write_llama_checkpoint
+from pipeline.output.manifest import MANIFEST_NAME, verify
+from pipeline.job.options import JobOptions
+from pipeline.job.run import run_job
 from pipeline.sources import SourceError, open_source
-from pipeline.storage import Location
+from pipeline.io.storage import Location, StorageOptions
 from pipeline_checks import assert_output_matches_source, file_bytes
 from s3_server import FAKE_KEY_ID, FAKE_SECRET
 from sinq_ops import QuantConfig
@@ -71,7 +72,7 @@ def test_s3_paths_give_the_same_bytes_as_local(
 def test_large_shards_go_up_as_multipart_uploads(s3, tmp_path: Path) -> None:
     src = write_llama_checkpoint(tmp_path / "wide", layers=1, hidden=512, intermediate=512, vocab=8192, shards=1, seed=3)
     part = 5 * 1024 * 1024
-    run_job(JobOptions(model=str(src), out="s3://quantized/multipart", workers=1, part_size=part), log=lambda _: None)
+    run_job(JobOptions(model=str(src), out="s3://quantized/multipart", workers=1, storage=StorageOptions(part_size=part)), log=lambda _: None)
     local = tmp_path / "local"
     run_job(JobOptions(model=str(src), out=str(local), workers=1), log=lambda _: None)
     shard = "model-00001-of-00001.safetensors"

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.plan import make_plan
-from pipeline.run import JobOptions, run_job
+from pipeline.job.plan import make_plan
+from pipeline.job.options import JobOptions
+from pipeline.job.run import run_job
 from pipeline.sources import SourceError, open_source
-from pipeline.synthetic import decoder_matrices
+from pipeline.sources.synthetic import decoder_matrices
 from pipeline_checks import file_bytes, read_dir_tensors
 from sinq_ops import QuantConfig, quantize
 from sinq_ops.config import KURTOSIS_GATE

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import ray
@@ -18,62 +17,25 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util import ActorPool
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from sinq_ops import QuantConfig
-
-from .manifest import MANIFEST_NAME, IncompleteOutput, verify
+from ..io.storage import Location
+from ..output.layout import tool_version
+from ..output.manifest import MANIFEST_NAME, IncompleteOutput, verify
+from ..sources import open_source
+from .actors import QuantizeWorker, Reducer
+from .errors import JobError
+from .options import JobOptions
 from .plan import Plan, make_plan
 from .progress import Progress
-from .reducer import TOOL_VERSION
-from .sources import open_source
-from .storage import Location, StorageOptions
-from .unit_work import staged_names
-from .workers import QuantizeWorker, Reducer
+from .unit import staged_names
 
 STAGING_DIR = ".staging"
 _STOP_WAIT_S = 30.0
 
 
-class JobError(RuntimeError):
-    """The job failed; the message is one line that says why."""
-
-
-@dataclass
-class JobOptions:
-    model: str
-    out: str
-    bits: int = 4
-    group_size: int = 64
-    tiling: str = "1D"
-    method: str = "sinq"
-    aux: str = "int8"
-    workers: int | None = None
-    gpus_per_worker: float = 1.0
-    cpus_per_worker: int = 1
-    max_shard_size: int = 4 * 10**9
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    dry_run: bool = False
-    overwrite: bool = False
-    endpoint_url: str | None = None
-    profile: str | None = None
-    part_size: int = 64 * 1024 * 1024
-    max_attempts: int = 10
-    ray_address: str | None = None
-
-    @property
-    def quant_config(self) -> QuantConfig:
-        return QuantConfig(bits=self.bits, group_size=self.group_size, tiling=self.tiling, method=self.method, aux=self.aux)
-
-    @property
-    def storage(self) -> StorageOptions:
-        return StorageOptions(endpoint_url=self.endpoint_url, profile=self.profile, part_size=self.part_size,
-                              max_attempts=self.max_attempts)
-
-
 def run_key(plan: Plan, opts: JobOptions) -> str:
     """Names the staging area: the same source, config and selection give the same key."""
-    ident = {"source": plan.source.identity, "config": plan.config.to_dict(), "include": opts.include,
-             "exclude": opts.exclude, "max_shard_size": opts.max_shard_size, "tool": TOOL_VERSION}
+    ident = {"source": plan.source.identity, "config": plan.config.to_dict(), "include": list(opts.include),
+             "exclude": list(opts.exclude), "max_shard_size": opts.max_shard_size, "tool": tool_version()}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -165,9 +127,9 @@ def _unwrap(exc: Exception) -> str:
 def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     """Run the whole job; returns the manifest (or, on a dry run, the plan as a dict)."""
     t_start = time.perf_counter()
-    config = opts.quant_config
+    config = opts.quant
     source = open_source(opts.model, opts.storage)
-    plan = make_plan(source, config, include=opts.include, exclude=opts.exclude, max_shard_size=opts.max_shard_size)
+    plan = make_plan(source, config, include=list(opts.include), exclude=list(opts.exclude), max_shard_size=opts.max_shard_size)
     if opts.dry_run:
         log(plan.describe())
         return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes}

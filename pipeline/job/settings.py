@@ -1,8 +1,10 @@
-"""Job settings from YAML or TOML files, with the same keys as the command-line flags."""
+"""Settings files (YAML, TOML, JSON) read into mappings, and sizes such as ``4GB`` parsed.
+
+Which keys are allowed is ``options.OPTIONS``'s business; this module only reads.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -10,10 +12,6 @@ from typing import Any
 
 import yaml
 
-from .run import JobOptions
-
-JOB_KEYS = {f.name for f in dataclasses.fields(JobOptions)}
-SIZE_KEYS = {"max_shard_size", "part_size"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -26,6 +24,15 @@ def parse_size(text: str | int) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (use e.g. 4GB, 500MB, 2GiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_size(nbytes: int) -> str:
+    """The shortest exact spelling ``parse_size`` reads back: ``4GB``, ``64MiB``, ``1000``."""
+    fits = [u for u in ("TiB", "GiB", "MiB", "KiB", "TB", "GB", "MB", "KB") if nbytes and nbytes % _UNITS[u.upper()] == 0]
+    if not fits:
+        return str(nbytes)
+    unit = min(fits, key=lambda u: nbytes // _UNITS[u.upper()])
+    return f"{nbytes // _UNITS[unit.upper()]}{unit}"
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -42,21 +49,3 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of settings at the top level")
     return data
-
-
-def job_settings(mapping: dict[str, Any], label: str) -> dict[str, Any]:
-    """Normalise keys (``group-size`` -> ``group_size``) and refuse unknown ones."""
-    out = {}
-    for key, value in mapping.items():
-        name = str(key).replace("-", "_")
-        if name == "upload_part_size":
-            name = "part_size"
-        if name not in JOB_KEYS:
-            raise ValueError(f"{label}: unknown setting {key!r}")
-        if name in SIZE_KEYS:
-            try:
-                value = parse_size(value)
-            except ValueError as exc:
-                raise ValueError(f"{label}: {key}: {exc}") from None
-        out[name] = value
-    return out

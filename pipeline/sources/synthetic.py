@@ -15,10 +15,41 @@ from urllib.parse import parse_qs, urlparse
 
 import torch
 
-from .fixtures import llama_config, llama_layer_shapes
-from .safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo
-from .sources import Source, SourceError
-from .storage import Location
+from ..io.safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo
+from ..io.storage import Location
+from .base import Source, SourceError
+
+
+def llama_config(
+    layers: int, hidden: int, intermediate: int, vocab: int, heads: int = 4, kv_heads: int = 2, **overrides
+) -> dict:
+    """A Hugging Face Llama config.json of the given size."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, **overrides,
+    }
+
+
+def llama_layer_shapes(cfg: dict, layer: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of one decoder layer's tensors in the Hugging Face Llama layout."""
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    p = f"model.layers.{layer}"
+    return {
+        f"{p}.input_layernorm.weight": (h,),
+        f"{p}.post_attention_layernorm.weight": (h,),
+        f"{p}.self_attn.q_proj.weight": (h, h),
+        f"{p}.self_attn.k_proj.weight": (kv, h),
+        f"{p}.self_attn.v_proj.weight": (kv, h),
+        f"{p}.self_attn.o_proj.weight": (h, h),
+        f"{p}.mlp.gate_proj.weight": (i, h),
+        f"{p}.mlp.up_proj.weight": (i, h),
+        f"{p}.mlp.down_proj.weight": (h, i),
+    }
+
 
 # name -> (hidden, intermediate, heads, kv heads, vocab, layers)
 SHAPES = {

@@ -9,18 +9,16 @@ import re
 from dataclasses import dataclass, field
 
 from sinq_ops import QuantConfig, quantized_layout
+from sinq_ops.memory import CPU_WORK_PER_ELEMENT, ERROR_CHECK_BYTES, GPU_WORK_PER_FP16_BYTE
 
-from .model_buffers import model_buffers
-from .safetensors_io import DTYPE_NAMES, PlannedTensor, TensorInfo, tensor_bytes
-from .sources import Source
+from ..architecture import model_buffers
+from ..io.safetensors_io import DTYPE_NAMES, PlannedTensor, TensorInfo, tensor_bytes
+from ..output.layout import shard_names
+from ..sources import Source
 
 # A decoder layer: "model.layers.12.", "model.language_model.layers.3.", "transformer.h.7.", ...
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.(\d+))\.")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-# GPU memory the Triton path allocates per byte of a weight's fp16 size (outputs and scratch; at most
-# 0.57 in bench/kernel_memory.py), and the error check's float32 row blocks.
-GPU_WORK_PER_FP16_BYTE = 0.6
-_ERROR_BLOCKS = 128 << 20
 
 
 class PlanError(ValueError):
@@ -77,8 +75,7 @@ class Plan:
 
     @property
     def shard_names(self) -> list[str]:
-        n = len(self.shards)
-        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        return shard_names(len(self.shards))
 
     @property
     def in_bytes(self) -> int:
@@ -98,14 +95,14 @@ class Plan:
         peak = 0
         for u in self.units:
             largest = max((t.info.nbytes // t.info.itemsize for t in u.tasks if t.quantize), default=0)
-            peak = max(peak, u.in_bytes + u.out_bytes + (0 if gpu else 16 * largest))
+            peak = max(peak, u.in_bytes + u.out_bytes + (0 if gpu else CPU_WORK_PER_ELEMENT * largest))
         return peak
 
     def gpu_memory_bytes(self) -> int:
         """Peak GPU memory of one GPU worker, its CUDA context aside: the largest weight on the device,
         what the kernels allocate for it, and the error check's unpacked codes (a byte per weight) and row blocks."""
         sizes = [(t.info.nbytes, t.info.nbytes // t.info.itemsize) for t in self.quantized]
-        return max((b + int(GPU_WORK_PER_FP16_BYTE * 2 * n) + n for b, n in sizes), default=0) + _ERROR_BLOCKS
+        return max((b + int(GPU_WORK_PER_FP16_BYTE * 2 * n) + n for b, n in sizes), default=0) + ERROR_CHECK_BYTES
 
     def describe(self) -> str:
         gb = 1e9
@@ -238,5 +235,3 @@ def make_plan(
         | {"lm_head"}
     )
     return Plan(source, config, units, shards, model_config, source.assets(), not_converted, max_shard_size)
-
-

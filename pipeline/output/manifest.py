@@ -1,4 +1,8 @@
-"""manifest.json: written last, it is what makes an output complete and checkable."""
+"""manifest.json: written last, it is what makes an output complete and checkable.
+
+Built, loaded and verified here only, so the reducer that writes it and the loader, driver and
+nightly runs that read it cannot drift apart.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .storage import Location
+from ..io.storage import Location
+from .layout import TOOL_NAME, tool_version
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sinq-cluster-manifest/1"
@@ -21,6 +26,39 @@ class FileRecord:
     @classmethod
     def of(cls, name: str, data: bytes) -> "FileRecord":
         return cls(name, len(data), hashlib.sha256(data).hexdigest())
+
+
+def build_manifest(
+    *, source: dict, quantization: dict, files: list[FileRecord], tensors: list[dict], units: list[dict],
+    source_bytes: int, tensor_bytes: int, shards: int, tensors_copied: int, timings: dict, run_key: str,
+) -> dict:
+    """The manifest of a finished job: every other file with its size and sha256, per-tensor
+    statistics (``name``, ``rel_error``, ...) and their totals."""
+    errors = [t["rel_error"] for t in tensors]
+    worst = max(range(len(errors)), key=errors.__getitem__)
+    return {
+        "format": FORMAT,
+        "tool": {"name": TOOL_NAME, "version": tool_version()},
+        "source": source,
+        "quantization": quantization,
+        "files": [vars(f) for f in sorted(files, key=lambda f: f.name)],
+        "tensors": tensors,
+        "units": units,
+        "totals": {
+            "source_bytes": source_bytes,
+            "output_bytes": sum(f.bytes for f in files),
+            "tensor_bytes": tensor_bytes,
+            "units": len(units),
+            "shards": shards,
+            "tensors_quantized": len(tensors),
+            "tensors_copied": tensors_copied,
+            "mean_rel_error": sum(errors) / len(errors),
+            "max_rel_error": errors[worst],
+            "worst_tensor": tensors[worst]["name"],
+        },
+        "timings": timings,
+        "run_key": run_key,
+    }
 
 
 class IncompleteOutput(ValueError):

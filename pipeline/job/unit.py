@@ -15,10 +15,10 @@ import torch
 
 from sinq_ops import QuantConfig, quantize, relative_error
 
+from ..io.safetensors_io import aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream
+from ..io.storage import Location
+from ..sources import Source
 from .plan import Unit
-from .safetensors_io import aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream
-from .sources import Source
-from .storage import Location
 
 
 class UnitError(ValueError):

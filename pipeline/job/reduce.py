@@ -1,4 +1,4 @@
-"""Assemble staged units into the final checkpoint, in an order fixed by the plan alone.
+"""The reduce stage: staged units assembled into the final checkpoint, in an order fixed by the plan alone.
 
 Units arrive in any order; a shard is written as soon as every unit it holds is staged,
 streaming the staged bytes through (one contiguous run per unit and item size), so the
@@ -13,19 +13,18 @@ import json
 import time
 from typing import Iterator
 
-from .manifest import FORMAT, MANIFEST_NAME, FileRecord
+from ..io.hf_names import INDEX_NAME
+from ..io.safetensors_io import aligned_order, write_stream
+from ..io.storage import Location
+from ..output.layout import SIDECAR_NAME, quantization_config
+from ..output.manifest import MANIFEST_NAME, FileRecord, build_manifest
 from .plan import Plan
-from .safetensors_io import aligned_order, write_stream
-from .storage import Location
-from .unit_work import UnitResult
-
-INDEX_NAME = "model.safetensors.index.json"
-SIDECAR_NAME = INDEX_NAME + ".meta.json"
-TOOL_NAME = "sinq-cluster"
-TOOL_VERSION = "0.1.0"
+from .unit import UnitResult
 
 
 class Assembler:
+    """The reducer's state: staged units in, final files out, in the plan's order."""
+
     def __init__(self, plan: Plan, dest: Location, staging: Location) -> None:
         self.plan = plan
         self.dest = dest
@@ -94,60 +93,24 @@ class Assembler:
         sidecar = {leaf: {"meta": dict(sorted(meta.items()))}
                    for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
         self._put_json(SIDECAR_NAME, sidecar)
-        self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(plan)})
+        self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(plan.config, plan.not_converted)})
         for asset in plan.assets:
             data = plan.source.read_bytes(asset)
             self.dest.write_bytes(asset, data)
             self.files.append(FileRecord.of(asset, data))
-        manifest = {**self._manifest(run_info), "run_key": run_key}
+        units = [self.results[u.index] for u in plan.units]
+        manifest = build_manifest(
+            source={"spec": plan.source.spec, **plan.source.identity},
+            quantization={**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
+            files=self.files,
+            tensors=[vars(s) for u in units for s in u.stats],
+            units=[{"name": u.name, "worker": u.worker, "seconds": round(u.read_s + u.quantize_s + u.write_s, 3)}
+                   for u in units],
+            source_bytes=plan.in_bytes, tensor_bytes=plan.out_bytes, shards=len(plan.shards),
+            tensors_copied=sum(len(u.tasks) for u in plan.units) - len(plan.quantized),
+            timings={**run_info, "read_s": sum(u.read_s for u in units), "quantize_s": sum(u.quantize_s for u in units),
+                     "stage_write_s": sum(u.write_s for u in units), "assembly_s": self.assembly_s},
+            run_key=run_key,
+        )
         self.dest.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
         return manifest
-
-    def _manifest(self, run_info: dict) -> dict:
-        plan = self.plan
-        stats = [s for u in plan.units for s in self.results[u.index].stats]
-        errors = [s.rel_error for s in stats]
-        units = [self.results[u.index] for u in plan.units]
-        return {
-            "format": FORMAT,
-            "tool": {"name": TOOL_NAME, "version": TOOL_VERSION},
-            "source": {"spec": plan.source.spec, **plan.source.identity},
-            "quantization": {**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
-            "files": [vars(f) for f in sorted(self.files, key=lambda f: f.name)],
-            "tensors": [vars(s) for s in stats],
-            "units": [{"name": u.name, "worker": u.worker, "seconds": round(u.read_s + u.quantize_s + u.write_s, 3)}
-                      for u in units],
-            "totals": {
-                "source_bytes": plan.in_bytes,
-                "output_bytes": sum(f.bytes for f in self.files),
-                "tensor_bytes": plan.out_bytes,
-                "units": len(plan.units),
-                "shards": len(plan.shards),
-                "tensors_quantized": len(stats),
-                "tensors_copied": sum(len(u.tasks) for u in plan.units) - len(stats),
-                "mean_rel_error": sum(errors) / len(errors),
-                "max_rel_error": max(errors),
-                "worst_tensor": stats[errors.index(max(errors))].name,
-            },
-            "timings": {
-                **run_info,
-                "read_s": sum(u.read_s for u in units),
-                "quantize_s": sum(u.quantize_s for u in units),
-                "stage_write_s": sum(u.write_s for u in units),
-                "assembly_s": self.assembly_s,
-            },
-        }
-
-
-def quantization_config(plan: Plan) -> dict:
-    """The ``quantization_config`` block transformers reads (``SinqConfig`` keys) plus ours."""
-    cfg = plan.config
-    return {
-        "quant_method": "sinq",
-        "nbits": cfg.bits,
-        "group_size": cfg.group_size,
-        "tiling_mode": cfg.tiling,
-        "method": cfg.method,
-        "modules_to_not_convert": plan.not_converted,
-        "aux": cfg.aux,
-    }

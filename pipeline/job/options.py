@@ -1,0 +1,184 @@
+"""A job's options, and the one table that the settings files and the command line both come from.
+
+``JobOptions`` is composed of the library's own ``QuantConfig`` and ``StorageOptions`` plus the
+job's scheduling settings. ``OPTIONS`` names each setting once, with its help text and where it
+lives; defaults come from the dataclasses and choices from ``sinq_ops.config``, so a new option
+or default is written in one place and appears in ``--help``, in YAML/TOML keys and in the job.
+Nothing here imports Ray or torch: parsing a settings file or answering ``--help`` is quick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sinq_ops.config import AUX_FORMATS, METHODS, SUPPORTED_BITS, TILINGS, QuantConfig
+
+from ..io.storage import StorageOptions
+from .settings import format_size, parse_size
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Everything one quantize job needs to know; validated where each part is built."""
+
+    model: str
+    out: str
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    workers: int | None = None  # quantize actors; None: one per GPU share, else one per CPU
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: int = 1
+    max_shard_size: int = 4 * 10**9
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    dry_run: bool = False
+    overwrite: bool = False
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        # Lists from a settings file or argparse become tuples: options stay hashable and frozen.
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> "JobOptions":
+        """From flat, already normalised settings (``bits``, ``endpoint_url``, ``workers``, ...)."""
+        parts: dict[str, dict[str, Any]] = {"quant": {}, "storage": {}, "job": {}}
+        for key, value in settings.items():
+            option = OPTION_BY_KEY.get(key)
+            if option is None:
+                raise ValueError(f"unknown setting {key!r}")
+            parts[option.part][option.attr] = value
+        return cls(**parts["job"], quant=QuantConfig(**parts["quant"]), storage=StorageOptions(**parts["storage"]))
+
+
+_PARTS = {"quant": QuantConfig, "storage": StorageOptions, "job": JobOptions}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its key in settings files (``group_size``; ``group-size`` also accepted), its
+    flag, its home (attribute ``attr`` of ``part``) and help text. ``kind`` says how text becomes a value."""
+
+    key: str
+    help: str
+    part: str = "job"
+    attr: str = ""
+    kind: str = "str"  # str, int, float, size, flag (true/false), list (repeatable)
+    choices: tuple = ()
+    flag: str = ""
+    metavar: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attr", self.attr or self.key)
+        object.__setattr__(self, "flag", self.flag or "--" + self.key.replace("_", "-"))
+
+    @property
+    def default(self) -> Any:
+        """The dataclass default of the field this option sets."""
+        for f in dataclasses.fields(_PARTS[self.part]):
+            if f.name == self.attr:
+                if f.default is not dataclasses.MISSING:
+                    return f.default
+                if f.default_factory is not dataclasses.MISSING:
+                    return f.default_factory()
+        return None
+
+    @property
+    def convert(self) -> Callable[[str], Any]:
+        return {"int": int, "float": float, "size": parse_size}.get(self.kind, str)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model", "source checkpoint: a local directory, an fsspec URL (s3://bucket/prefix), a Hub repo "
+                    "org/name[@revision], or synthetic://NAME (default: SmolLM2-135M-Instruct)", metavar="SRC"),
+    Option("out", "destination: a local directory or s3://bucket/prefix "
+                  "(default: out/<model>-sinq-<bits>b-g<group>)", metavar="DST"),
+    Option("bits", "bits per weight", "quant", kind="int", choices=SUPPORTED_BITS),
+    Option("group_size", "weights per group scale and zero: a multiple of 8 that divides every quantized weight's "
+                         "columns", "quant", kind="int"),
+    Option("tiling", "1D (column blocks) or 2D (square tiles)", "quant", choices=TILINGS),
+    Option("method", "sinq, rtn (plain round-to-nearest), nf4 or nf3 (SINQ with normal-float codebooks)", "quant",
+           choices=METHODS),
+    Option("aux", "how group scales and zeros are stored: int8 (what SinqConfig produces) or fp16", "quant",
+           choices=AUX_FORMATS),
+    Option("workers", "quantize actors (default: one per GPU share, else one per CPU)", kind="int", metavar="N"),
+    Option("gpus_per_worker", "GPU share per actor; 0.5 packs two actors on one card", kind="float", metavar="F"),
+    Option("cpus_per_worker", "CPU threads per actor", kind="int", metavar="N"),
+    Option("max_shard_size", "largest output shard, e.g. 500MB, 2GiB", kind="size", metavar="SIZE"),
+    Option("include", "quantize only tensors matching this regex (repeatable)", kind="list", metavar="REGEX"),
+    Option("exclude", "leave tensors matching this regex unquantized (repeatable)", kind="list", metavar="REGEX"),
+    Option("dry_run", "print the plan (units, sizes, shards, memory per worker) and exit", kind="flag"),
+    Option("overwrite", "replace a complete output of another job (model, config, tensor selection or tool version)",
+           kind="flag"),
+    Option("endpoint_url", "S3 endpoint (default: AWS_ENDPOINT_URL)", "storage", metavar="URL"),
+    Option("profile", "AWS profile name for S3 credentials (default: the default profile)", "storage",
+           metavar="NAME"),
+    Option("upload_part_size", "object-store files larger than this go up as multipart uploads in parts of this "
+                               "size (at least 5MiB)", "storage", attr="part_size", kind="size", metavar="SIZE"),
+    Option("max_attempts", "attempts per object-storage request, with backoff, before a fault fails the job",
+           "storage", kind="int", metavar="N"),
+    Option("ray_address", "Ray cluster to run on, e.g. HEAD:6379, or 'auto' for the one `ray start` began here "
+                          "(default: RAY_ADDRESS, else a new local Ray)", metavar="ADDRESS"),
+)
+OPTION_BY_KEY = {o.key: o for o in OPTIONS}
+# Older spellings that settings files may still use.
+_ALIASES = {"part_size": "upload_part_size"}
+
+
+def job_settings(mapping: dict[str, Any], label: str) -> dict[str, Any]:
+    """Settings from a file: keys normalised (``group-size`` -> ``group_size``), unknown ones
+    refused, sizes parsed; the error names ``label`` and the key."""
+    out = {}
+    for key, value in mapping.items():
+        name = str(key).replace("-", "_")
+        name = _ALIASES.get(name, name)
+        if name not in OPTION_BY_KEY:
+            raise ValueError(f"{label}: unknown setting {key!r}")
+        if OPTION_BY_KEY[name].kind == "size":
+            try:
+                value = parse_size(value)
+            except ValueError as exc:
+                raise ValueError(f"{label}: {key}: {exc}") from None
+        out[name] = value
+    return out
+
+
+def _help(option: Option) -> str:
+    default = option.default
+    if option.kind in ("flag", "list") or default is None:
+        return option.help
+    if option.kind == "size":
+        default = format_size(default)
+    return f"{option.help} (default: {default})"
+
+
+def add_arguments(parser: Any, skip: tuple[str, ...] = ()) -> None:
+    """Add a flag for every option to an ``argparse`` parser. Flags left out stay out of the parsed
+    namespace (``SUPPRESS``), so the caller can lay them over a settings file and the defaults."""
+    import argparse
+
+    for o in OPTIONS:
+        if o.key in skip:
+            continue
+        common: dict[str, Any] = {"dest": o.key, "help": _help(o), "default": argparse.SUPPRESS}
+        if o.kind == "flag":
+            parser.add_argument(o.flag, action="store_true", **common)
+            continue
+        if o.kind == "list":
+            parser.add_argument(o.flag, action="append", metavar=o.metavar, **common)
+            continue
+        parser.add_argument(o.flag, type=_argparse_type(o, argparse), choices=o.choices or None, metavar=o.metavar,
+                            **common)
+
+
+def _argparse_type(option: Option, argparse: Any) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return option.convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = option.kind  # argparse names the type in its error message
+    return convert
