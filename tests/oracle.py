@@ -1,6 +1,7 @@
 """The reference package (PyPI sinq==0.2.0) used as a numerical oracle.
 
-Imported from ``$SINQ_ORACLE_PATH`` when set (``dev.sh`` sets it), else from site-packages.
+Imported from ``$SINQ_ORACLE_PATH`` when set (``dev.sh`` sets it), else from ``.venv/oracle``
+where dev.sh put it, else from site-packages.
 
 Only ``sinq.quantizer`` is needed. Its import chain reaches ``sinq.awq``, which imports
 ``datasets`` at module level for calibration data that quantization never uses; when
@@ -13,12 +14,15 @@ import importlib.util
 import os
 import sys
 import types
+from pathlib import Path
 
 import torch
 
 os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 # dev.sh installs the reference into its own folder, off the default import path.
-if os.environ.get("SINQ_ORACLE_PATH"):
+_BUILT = Path(__file__).resolve().parents[1] / ".venv" / "oracle"
+os.environ.setdefault("SINQ_ORACLE_PATH", str(_BUILT) if _BUILT.is_dir() else "")
+if os.environ["SINQ_ORACLE_PATH"]:
     sys.path.insert(0, os.environ["SINQ_ORACLE_PATH"])
 if importlib.util.find_spec("datasets") is None:
     stub = types.ModuleType("datasets")

@@ -1,14 +1,22 @@
-"""jobs.quantize's command line: --config files under flags, and progress lines."""
+"""jobs.quantize's command line: --config files under flags, every option from one table, --help
+without heavy imports, and progress lines."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from jobs import quantize as cli
+from pipeline.job.options import OPTIONS, JobOptions, job_settings
+from pipeline.job.settings import format_size, parse_size
 from checkpoints import write_llama_checkpoint
 from pipeline.job.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +55,36 @@ def test_progress_lines_are_throttled_but_the_last_is_always_shown() -> None:
     assert len(lines) == 2
     assert lines[0].startswith("[ 1/50") and lines[-1].startswith("[50/50 100.0%]") and "0/4 workers busy" in lines[-1]
     assert p.worker_summary() == "w0: 25, w1: 25"
+
+
+def test_help_shows_every_option_with_its_default_without_importing_torch() -> None:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "jobs.quantize", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"torch", "ray", "transformers"} & imported
+    text = " ".join(proc.stdout.split())
+    for o in OPTIONS:
+        assert o.flag in text, o.flag
+        if o.kind not in ("flag", "list") and o.default is not None:
+            assert f"(default: {format_size(o.default) if o.kind == 'size' else o.default})" in text, o.key
+    assert "--eval" in text and "--log-level" in text and "--version" in text
+
+
+def test_version_is_the_package_version(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sinq-cluster {metadata.version('sinq-cluster')}"
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.key)
+def test_every_option_reaches_its_place_in_the_job_options(option) -> None:
+    value = {"int": 16, "float": 0.25, "size": "3MiB", "flag": True, "list": ["x"]}.get(option.kind, "text")
+    if option.choices:  # not the default, and not a codebook that needs other bits
+        value = next(c for c in option.choices if c != option.default and c not in ("nf4", "nf3"))
+    settings = job_settings({"model": "m", "out": "o", option.key.replace("_", "-"): value}, "job.yaml")
+    opts = JobOptions.from_settings(settings)
+    home = {"quant": opts.quant, "storage": opts.storage, "job": opts}[option.part]
+    want = parse_size(value) if option.kind == "size" else tuple(value) if option.kind == "list" else value
+    assert getattr(home, option.attr) == want

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from typing import Callable
@@ -29,6 +30,7 @@ from .progress import Progress
 from .unit import staged_names
 
 STAGING_DIR = ".staging"
+logger = logging.getLogger(__name__)
 _STOP_WAIT_S = 30.0
 
 
@@ -76,9 +78,11 @@ def _ensure_ray(opts: JobOptions) -> None:
     if ray.is_initialized():
         return
     if opts.ray_address or os.environ.get("RAY_ADDRESS"):
+        logger.info("joining the Ray cluster at %s", opts.ray_address or os.environ["RAY_ADDRESS"])
         # A cluster (or `ray job submit`) brings its own runtime environment; adding one would conflict.
         ray.init(address=opts.ray_address, log_to_driver=True)
     else:
+        logger.info("starting a local Ray")
         # A fresh local Ray: never a cluster that a stale /tmp/ray record points at.
         ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
 
@@ -93,6 +97,7 @@ def _pool(plan: Plan, opts: JobOptions, staging: Location) -> list:
         n = opts.workers or max(1, int(resources.get("CPU", 1) // opts.cpus_per_worker))
         actor_opts = {"num_cpus": opts.cpus_per_worker}
     n = min(n, len(plan.units))
+    logger.info("%d quantize workers, each %s (cluster: %s)", n, actor_opts, dict(resources))
     return [
         QuantizeWorker.options(**actor_opts, scheduling_strategy="SPREAD").remote(
             plan.source, plan.config, staging, opts.cpus_per_worker
@@ -108,6 +113,7 @@ def _on_driver_node() -> NodeAffinitySchedulingStrategy:
 
 def _stop(actors: list) -> None:
     """Kill the actors and wait until each is gone, so that none is still writing afterwards."""
+    logger.debug("stopping %d actors", len(actors))
     for actor in actors:
         ray.kill(actor, no_restart=True)
     for actor in actors:
@@ -130,6 +136,8 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     config = opts.quant
     source = open_source(opts.model, opts.storage)
     plan = make_plan(source, config, include=list(opts.include), exclude=list(opts.exclude), max_shard_size=opts.max_shard_size)
+    logger.info("planned %d units in %d shards: %.3f GB in, %.3f GB out", len(plan.units), len(plan.shards),
+                plan.in_bytes / 1e9, plan.out_bytes / 1e9)
     if opts.dry_run:
         log(plan.describe())
         return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes}
@@ -169,6 +177,7 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
         manifest = ray.get(reducer.finish.remote(run_info, key))
         done = True
     except (RayTaskError, RayActorError) as exc:
+        logger.debug("the job failed", exc_info=exc)
         raise JobError(_unwrap(exc)) from None
     finally:
         _stop([*workers, reducer])
