@@ -33,8 +33,9 @@ def checkpoint(tmp_path_factory) -> Path:
                                   intermediate=256, vocab=256, shards=2, seed=1)
 
 
-def _opts(model: Path | str, out: Path | str, **kw) -> JobOptions:
-    return JobOptions(model=str(model), out=str(out), **{"max_shard_size": 200_000, **kw})
+def _opts(model: Path | str, out: Path | str, **settings) -> JobOptions:
+    """Options from flat settings, as a settings file gives them (``bits=3``, ``workers=2``, ...)."""
+    return JobOptions.from_settings({"model": str(model), "out": str(out), "max_shard_size": 200_000, **settings})
 
 
 def test_output_equals_sinq_ops_and_verifies(checkpoint: Path, tmp_path: Path) -> None:
