@@ -19,7 +19,7 @@ from checkpoints import write_llama_checkpoint
 from pipeline.output.manifest import MANIFEST_NAME, verify
 from pipeline.job.plan import make_plan
 from pipeline.job.options import JobOptions
-from pipeline.job.run import JobError, run_job
+from pipeline.job.run import JobError, run_job, run_key
 from pipeline.sources import open_source
 from pipeline.io.storage import Location, StorageOptions
 from pipeline.job.unit import process_unit, staged_result
@@ -114,15 +114,29 @@ def test_a_staged_unit_is_reused_only_while_it_verifies(checkpoint: Path, tmp_pa
 
 
 def test_a_different_config_never_reuses_staged_units(checkpoint: Path, tmp_path: Path) -> None:
+    """Units staged by an interrupted 4-bit job sit where a rerun of that job looks for them;
+    a 3-bit job on the same output neither finds nor reuses them."""
     out = tmp_path / "out"
+    first = JobOptions(model=str(checkpoint), out=str(out), workers=2)
+    second = JobOptions(model=str(checkpoint), out=str(out), workers=2, quant=QuantConfig(bits=3))
+
+    def plan_of(opts: JobOptions):
+        return make_plan(open_source(opts.model), opts.quant, include=list(opts.include), exclude=list(opts.exclude),
+                         max_shard_size=opts.max_shard_size)
+
+    plan = plan_of(first)
+    first_key = run_key(plan, first)
+    staging = Location(str(out / ".staging" / first_key))
+    for unit in plan.units[:3]:
+        assert not process_unit(plan.source, unit, plan.config, staging, "cpu").reused
+    assert all(process_unit(plan.source, u, plan.config, staging, "cpu").reused for u in plan.units[:3])
+
     lines: list[str] = []
-    run_job(JobOptions(model=str(checkpoint), out=str(out), workers=2), log=lambda _: None)
-    (out / MANIFEST_NAME).unlink()  # leave the output incomplete but with nothing staged
-    stale = out / ".staging" / "0123456789abcdef"
-    stale.mkdir(parents=True)
-    (stale / "unit-00000.json").write_text("{}")
-    run_job(JobOptions(model=str(checkpoint), out=str(out), workers=2, quant=QuantConfig(bits=3), overwrite=True), log=lines.append)
-    assert not any("resuming" in line for line in lines)
+    manifest = run_job(second, log=lines.append)
+    assert not any("resuming" in line for line in lines), lines
+    assert manifest["timings"]["units_reused"] == 0
+    assert manifest["quantization"]["bits"] == 3
+    assert manifest["run_key"] == run_key(plan_of(second), second) != first_key
 
 
 def test_throttling_and_dropped_connections_are_retried(s3, checkpoint: Path, clean: Path, tmp_path: Path) -> None:

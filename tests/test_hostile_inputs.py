@@ -4,13 +4,13 @@ non-zero exit, and nothing committed at the destination."""
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import struct
 from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from jobs import quantize as cli
@@ -56,6 +56,38 @@ def _entry(h: dict) -> dict:
 def _truncate(d: Path) -> None:
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
+
+
+def _truncate_to(n: int) -> Callable[[Path], None]:
+    def apply(d: Path) -> None:
+        f = d / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:n])
+    return apply
+
+
+def _hole_before_w(d: Path) -> None:
+    """Eight unclaimed bytes just before W: every entry still matches its own bytes."""
+    f = d / "model.safetensors"
+    header, data = _header_of(f)
+    start = header[W]["data_offsets"][0]
+    for name, entry in header.items():
+        if name != "__metadata__" and entry["data_offsets"][0] >= start:
+            entry["data_offsets"] = [o + 8 for o in entry["data_offsets"]]
+    _raw(f, header, data[:start] + b"\0" * 8 + data[start:])
+
+
+def _last_past_the_end(h: dict) -> None:
+    """The last tensor claims 1000 more rows than the file holds, its shape saying the same."""
+    last = max((v for k, v in h.items() if k != "__metadata__"), key=lambda v: v["data_offsets"][1])
+    start, end = last["data_offsets"]
+    row = (end - start) // last["shape"][0]
+    last["shape"][0] += 1000
+    last["data_offsets"] = [start, end + 1000 * row]
+
+
+def _trailing_bytes(d: Path) -> None:
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes() + b"\0" * 16)
 
 
 def _huge_header(d: Path) -> None:
@@ -112,35 +144,42 @@ def _nan(d: Path) -> None:
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
 
 
-def _pickle(d: Path) -> None:
-    (d / "model.safetensors").unlink()
-    torch.save({"x": torch.zeros(1)}, d / "model.bin")
+class _LeavesAMark:
+    """Unpickling this creates ``marker``: proof that whoever unpickled it ran its code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def _booby_trapped_pickle(marker: Path) -> bytes:
+    return pickle.dumps({W: _LeavesAMark(marker)})
 
 
 CASES = {
-    "truncated file": (_truncate, ["model.safetensors", "runs past the end"]),
+    "truncated file": (_truncate, ["model.safetensors", "tensor data runs past the end of the file"]),
+    "truncated inside the length prefix": (_truncate_to(5), ["model.safetensors", "truncated safetensors file (5 bytes)"]),
     "header length beyond the file": (_huge_header, ["model.safetensors", "header length", "exceeds the file size"]),
     "header JSON does not parse": (_garbage_header, ["model.safetensors", "not valid JSON"]),
     "overlapping offsets": (_edit_header(_overlap), ["model.safetensors", "overlaps another tensor"]),
-    "a hole between tensors": (_edit_header(lambda h: _entry(h).update(
-        data_offsets=[_entry(h)["data_offsets"][0], _entry(h)["data_offsets"][1] - 4], shape=[128, 64])),
-        ["model.safetensors", W]),
-    "offsets past the end": (_edit_header(lambda h: _entry(h).update(
-        data_offsets=[_entry(h)["data_offsets"][0], _entry(h)["data_offsets"][1] + 10**6])), ["model.safetensors", W]),
+    "a hole between tensors": (_hole_before_w, ["model.safetensors", W, "leaves a gap before it"]),
+    "offsets past the end": (_edit_header(_last_past_the_end), ["model.safetensors", "tensor data runs past the end of the file"]),
+    "bytes after the last tensor": (_trailing_bytes, ["model.safetensors", "16 bytes after the last tensor"]),
     "undefined dtype": (_edit_header(lambda h: _entry(h).update(dtype="F7")), ["model.safetensors", W, "'F7'"]),
-    "shape does not match bytes": (_edit_header(lambda h: _entry(h).update(shape=[128, 65])), ["model.safetensors", W, "[128, 65]"]),
+    "shape does not match bytes": (_edit_header(lambda h: _entry(h).update(shape=[128, 65])), ["model.safetensors", W, "[128, 65]", "needs 16640 bytes, its offsets span 16384"]),
     "duplicate tensor names": (_duplicate, ["model.safetensors", W, "named twice"]),
     "index names a missing shard": (lambda d: _split_with_index(d, lambda m: m.update({W: "model-00009-of-00002.safetensors"})),
                                     ["model-00009-of-00002.safetensors", "missing"]),
     "index names an absent tensor": (lambda d: _split_with_index(d, lambda m: m.update({"model.layers.0.ghost.weight": m[W]})),
-                                     ["model.layers.0.ghost.weight"]),
-    "name with a slash": (_edit_header(_rename(W, "model.layers.0/../../etc/passwd")), ["model.safetensors", "etc/passwd"]),
-    "name with dot-dot": (_edit_header(_rename(W, "model.layers.0.mlp..weight")), ["model.safetensors", "mlp..weight"]),
-    "name with a control character": (_edit_header(_rename(W, "model.layers.0.mlp.up\x07.weight")), ["model.safetensors", "\\x07"]),
+                                     ["model.layers.0.ghost.weight", "does not hold it"]),
+    "name with a slash": (_edit_header(_rename(W, "model.layers.0/../../etc/passwd")), ["model.safetensors", "etc/passwd", "not a plain dotted name"]),
+    "name with dot-dot": (_edit_header(_rename(W, "model.layers.0.mlp..weight")), ["model.safetensors", "mlp..weight", "not a plain dotted name"]),
+    "name with a control character": (_edit_header(_rename(W, "model.layers.0.mlp.up\x07.weight")), ["model.safetensors", "\\x07", "not a plain dotted name"]),
     "a weight with Inf": (_nan, ["model.safetensors", W, "NaN or Inf"]),
     "config.json missing": (lambda d: (d / "config.json").unlink(), ["config.json is missing"]),
     "config.json unreadable": (lambda d: (d / "config.json").write_text("{not json"), ["config.json", "not valid JSON"]),
-    "pickle checkpoint": (_pickle, ["model.bin", "never unpickled"]),
 }
 
 
@@ -156,6 +195,27 @@ def test_bad_checkpoint_is_refused_with_nothing_committed(case: str, good: Path,
     assert err.startswith("error: ") and "\n" not in err, err
     for piece in expected:
         assert piece in err, (piece, err)
+    assert not (out / MANIFEST_NAME).exists()
+    assert not list(out.glob("model-*.safetensors"))
+
+
+def test_a_pickle_checkpoint_is_refused_and_never_unpickled(good: Path, tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "unpickled"
+    payload = _booby_trapped_pickle(marker)
+    pickle.loads(payload)[W].close()  # the trap works: unpickling it leaves the marker
+    assert marker.exists()
+    marker.unlink()
+
+    src = tmp_path / "src"
+    shutil.copytree(good, src)
+    (src / "model.safetensors").unlink()
+    (src / "model.bin").write_bytes(payload)
+    out = tmp_path / "out"
+    assert cli.main(["--model", str(src), "--out", str(out), "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "model.bin" in err and "never unpickled" in err, err
+    assert not marker.exists()
     assert not (out / MANIFEST_NAME).exists()
     assert not list(out.glob("model-*.safetensors"))
 

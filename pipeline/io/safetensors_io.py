@@ -107,15 +107,17 @@ def _tensor_info(label: str, name: str, entry: object, base: int) -> TensorInfo:
 
 def _check_coverage(label: str, infos: list[TensorInfo], data_bytes: int, base: int) -> None:
     pos = base
+    last = None
     for t in sorted(infos, key=lambda t: (t.start, t.nbytes)):
         if t.start != pos:
             what = "overlaps another tensor" if t.start < pos else "leaves a gap before it"
             raise SafetensorsError(f"{label}: tensor {t.name!r} {what} (offset {t.start - base})")
         pos += t.nbytes
+        last = t.name
     if pos - base != data_bytes:
         if pos - base > data_bytes:
-            raise SafetensorsError(f"{label}: tensor data runs past the end of the file")
-        raise SafetensorsError(f"{label}: {data_bytes - (pos - base)} bytes after the last tensor")
+            raise SafetensorsError(f"{label}: tensor data runs past the end of the file (in tensor {last!r})")
+        raise SafetensorsError(f"{label}: {data_bytes - (pos - base)} bytes after the last tensor ({last!r})")
 
 
 def tensor_from_bytes(info: TensorInfo, data: bytes | bytearray | memoryview) -> torch.Tensor:
