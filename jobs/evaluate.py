@@ -4,14 +4,14 @@
     python -m jobs.evaluate ...          (the same)
 
 Windows are non-overlapping, cut from the start of the text (default: WikiText-2 test, word
-level, from $SINQ_EVAL_TEXT or ../shared/data/wikitext2_test.txt). Prints both perplexities,
-their ratio and the time taken, and adds eval.json to the quantized output.
+level, from $SINQ_EVAL_TEXT or ../shared/data/wikitext2_test.txt). SRC is a local directory, an
+s3:// URL or a Hub repo org/name[@revision]; OUT a local directory or s3://. Prints both
+perplexities, their ratio and the time taken, and adds eval.json to the quantized output.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,21 +30,29 @@ def default_text() -> str:
 def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows: int | None = None,
              device: str = "cpu", dtype: "torch.dtype | None" = None, storage: StorageOptions | None = None,
              log=print) -> dict:
-    """Evaluate both models on the same windows; writes eval.json into ``quantized``."""
+    """Evaluate both models on the same windows; records eval.json in ``quantized``.
+
+    ``model`` is any source but a synthetic one: a local directory, ``s3://...`` or a Hub repo
+    ``org/name[@revision]`` (the commit the output was quantized from, when its manifest names the
+    same spec). ``quantized`` is a local directory or ``s3://...``; ``storage`` serves both.
+    """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.evaluate import check_evaluable, perplexity, report, text_windows
-    from pipeline.loader import load_quantized
+    from pipeline.evaluate import check_evaluable, load_tokenizer, perplexity, pinned_spec, report, text_windows
+    from pipeline.loader import load_quantized, load_source
+    from pipeline.output.manifest import verify
 
-    check_evaluable(model)
     dtype = dtype or torch.float32
     storage = storage or StorageOptions()
+    dest = Location(quantized, storage)
+    source = check_evaluable(pinned_spec(model, dest), storage)
+    verify(dest, hashes=False)  # a missing or incomplete output is refused before the source is read
+    if source.identity.get("commit"):
+        log(f"source {model} at commit {source.identity['commit']}")
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    ids = text_windows(tokenizer, Path(text).read_text(), ctx, windows)
+    ids = text_windows(load_tokenizer(source), Path(text).read_text(), ctx, windows)
     log(f"evaluating on {ids.shape[0]} windows of {ctx} tokens from {text}")
-    source_model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    source_model = load_source(source, device=device, dtype=dtype)
     src = perplexity(source_model, ids, device)
     del source_model
     log(f"source     ppl {src.ppl:.4f} ({src.seconds:.1f} s)")
@@ -52,20 +60,36 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
     log(f"quantized  ppl {quant.ppl:.4f} ({quant.seconds:.1f} s)")
     result = report(src, quant, text=text, ctx=ctx)
     log(f"ratio      {result['ppl_ratio']:.4f}")
-    Location(quantized, storage).write_bytes("eval.json", (json.dumps(result, indent=2) + "\n").encode())
+    _record(dest, result)
     return result
+
+
+def _record(dest: Location, result: dict) -> None:
+    """eval.json, the model card's figures and the manifest, through the output's card writer."""
+    try:
+        from pipeline.output.card import record_evaluation
+    except ModuleNotFoundError as exc:
+        if exc.name != "pipeline.output.card":
+            raise
+        import json
+
+        dest.write_bytes("eval.json", (json.dumps(result, indent=2) + "\n").encode())
+        return
+    record_evaluation(dest, result)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sinq-evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="source checkpoint (local directory or Hub repo id)")
+    p.add_argument("--model", required=True,
+                   help="source checkpoint: local directory, s3:// URL or Hub repo org/name[@revision] "
+                        "(not synthetic://)")
     p.add_argument("--quantized", required=True, help="quantized output (local directory or s3://)")
     p.add_argument("--text", default=default_text(), help="evaluation text (default: $SINQ_EVAL_TEXT or WikiText-2 test)")
     p.add_argument("--ctx", type=int, default=2048, help="tokens per window (default: %(default)s)")
     p.add_argument("--windows", type=int, help="evaluate only the first N windows (default: all)")
     p.add_argument("--device", help="where the models run (default: cuda where there is one, else cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default: %(default)s)")
-    p.add_argument("--endpoint-url", help="S3 endpoint for an s3:// output (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--endpoint-url", help="S3 endpoint for an s3:// source or output (default: AWS_ENDPOINT_URL)")
     cli.add_common_flags(p)
     args = p.parse_args(argv)
     cli.setup_logging(args.log_level)

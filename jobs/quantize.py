@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval:
             from pipeline.evaluate import check_evaluable
 
-            check_evaluable(opts.model)
+            check_evaluable(opts.model, opts.storage)
         from pipeline.job.run import run_job
 
         manifest = run_job(opts)

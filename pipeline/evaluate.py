@@ -5,7 +5,9 @@ the text is tokenized once, cut into windows of ``ctx`` tokens from the start, a
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +15,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .io.storage import Location, StorageOptions
+from .output.manifest import MANIFEST_NAME
+from .sources import Source, open_source
+
+# What AutoTokenizer reads from a checkpoint directory; config.json names the model type where
+# tokenizer_config.json does not name the class. One of TOKENIZER_VOCAB must be there.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "config.json")
+TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -59,8 +71,39 @@ def report(source: Perplexity, quantized: Perplexity, *, text: str, ctx: int) ->
     }
 
 
-def check_evaluable(model: str) -> None:
-    """Refuse, before any work, a source that perplexity cannot be measured on."""
+def check_evaluable(model: str, storage: StorageOptions | None = None) -> Source:
+    """Refuse, before any work, a source that perplexity cannot be measured on: a synthetic one
+    (before any I/O), one that does not resolve, or one without tokenizer files. Returns the
+    resolved source (a Hub repo at an exact commit); reads no weights."""
     if model.startswith("synthetic://"):
         raise ValueError(f"{model}: a synthetic source has no tokenizer and no text it models; "
                          "evaluate a real checkpoint instead")
+    source = open_source(model, storage)
+    if not any(source.exists(name) for name in TOKENIZER_VOCAB):
+        raise ValueError(f"{model}: no tokenizer files ({', '.join(TOKENIZER_VOCAB)}); perplexity needs the "
+                         "model's tokenizer")
+    return source
+
+
+def pinned_spec(model: str, quantized: Location) -> str:
+    """``model``, pinned to the commit the output was quantized from where the output's manifest
+    names this same Hub spec: a branch or tag that moved since still evaluates that commit.
+    A URL (``s3://``, ``synthetic://``) comes back as it is, without a look at the output."""
+    if "://" in model or not quantized.exists(MANIFEST_NAME):
+        return model
+    source = json.loads(quantized.read_bytes(MANIFEST_NAME)).get("source", {})
+    if source.get("spec") == model and source.get("repo_id") and source.get("commit"):
+        return f"{source['repo_id']}@{source['commit']}"
+    return model
+
+
+def load_tokenizer(source: Source):
+    """The source's tokenizer, from its tokenizer files copied to a temporary directory (so every
+    kind of source, local, object storage or Hub at its exact commit, loads the same way)."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="sinq-tokenizer-") as tmp:
+        for name in TOKENIZER_FILES:
+            if source.exists(name):
+                Path(tmp, name).write_bytes(source.read_bytes(name))
+        return AutoTokenizer.from_pretrained(tmp)

@@ -1,9 +1,11 @@
-"""Load a quantized output as a transformers model whose Linear layers stay quantized.
+"""Load a quantized output as a transformers model whose Linear layers stay quantized, and a
+source checkpoint as the float model it was quantized from.
 
 The model is built from config.json on the meta device (no memory for parameters), every
 quantized Linear is swapped for a SINQLinear holding the packed tensors, and the remaining
 tensors are read one at a time, by byte range, from a local directory or object storage.
-No full-precision copy of a quantized weight is ever made.
+No full-precision copy of a quantized weight is ever made. ``load_source`` fills the same
+empty model from any checkpoint source (directory, s3://, Hub repo at an exact commit).
 """
 
 from __future__ import annotations
@@ -20,19 +22,32 @@ from .io.hf_names import INDEX_NAME
 from .io.storage import Location, StorageOptions
 from .output.layout import SIDECAR_NAME
 from .output.manifest import IncompleteOutput, verify
-from .sources import Source
+from .sources import Source, open_source
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
     module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if attr in module._parameters:
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if module is not None and attr in module._parameters:
         value = tensor.to(dtype) if tensor.is_floating_point() else tensor
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    elif attr in module._buffers:
+    elif module is not None and attr in module._buffers:
         module._buffers[attr] = tensor
     else:
         raise ValueError(f"checkpoint tensor {name!r} has no place in the {type(model).__name__} built from config.json")
+
+
+def _finish(model: nn.Module, label: str, device: str | torch.device) -> nn.Module:
+    """Tie what the config ties, refuse a parameter left without a tensor, move and set eval mode."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise IncompleteOutput(f"{label}: no tensor for {missing[0]} ({len(missing)} missing)")
+    return model.to(device).eval()
 
 
 def load_quantized(
@@ -51,7 +66,6 @@ def load_quantized(
         raise IncompleteOutput(f"{location}: no {INDEX_NAME}")
     source = Source(spec=location, location=loc)
     model = empty_model(source.read_json("config.json"))
-    config = model.config
 
     weight_map: dict[str, str] = source.read_json(INDEX_NAME)["weight_map"]
     sidecar = json.loads(loc.read_bytes(SIDECAR_NAME)) if loc.exists(SIDECAR_NAME) else {}
@@ -73,9 +87,22 @@ def load_quantized(
 
     for name in sorted(set(weight_map) - claimed):
         _set_tensor(model, name, read(name), dtype)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise IncompleteOutput(f"{location}: no tensor for {missing[0]} ({len(missing)} missing)")
-    return model.to(device).eval()
+    return _finish(model, location, device)
+
+
+def load_source(
+    source: str | Source, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    storage: StorageOptions | None = None,
+) -> nn.Module:
+    """The float ``AutoModelForCausalLM`` of a source checkpoint, in ``dtype``.
+
+    ``source`` is a spec for ``open_source`` (local directory, ``s3://...``, ``org/name[@revision]``)
+    or an already resolved ``Source``. Tensors are read one at a time, by byte range from a
+    directory or object storage; a Hub repo's files come through the huggingface_hub cache.
+    """
+    src = source if isinstance(source, Source) else open_source(source, storage)
+    model = empty_model(src.read_json("config.json"))
+    for file in src.weight_files():
+        for name, info in src.header(file).items():
+            _set_tensor(model, name, src.read_tensor(file, info), dtype)
+    return _finish(model, src.spec, device)
