@@ -98,7 +98,6 @@ def test_s3_source_to_s3_output(s3, checkpoint: Path, hub_output: Path, text: Pa
     src, out = "s3://eval-src/tiny", "s3://eval-out/tiny"
     s3.put(str(checkpoint) + "/", "eval-src/tiny/", recursive=True)
     s3.put(str(hub_output) + "/", "eval-out/tiny/", recursive=True)  # the same bytes as quantizing src
-    s3.rm("eval-out/tiny/eval.json")
     result = evaluate(src, out, text=str(text), ctx=CTX, windows=WINDOWS, log=_quiet)
     assert json.loads(s3.cat_file("eval-out/tiny/eval.json")) == json.loads(json.dumps(result))
     assert result["windows"] == WINDOWS and result["ctx"] == CTX

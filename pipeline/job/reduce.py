@@ -2,8 +2,8 @@
 
 Units arrive in any order; a shard is written as soon as every unit it holds is staged,
 streaming the staged bytes through (one contiguous run per unit and item size), so the
-reducer never holds more than one unit's run. Index, sidecar, config and assets follow the
-shards, and the manifest comes last.
+reducer never holds more than one unit's run. Index, sidecar, config, assets (licence files
+among them) and the model card follow the shards, and the manifest comes last.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Iterator
 from ..io.hf_names import INDEX_NAME
 from ..io.safetensors_io import aligned_order, write_stream
 from ..io.storage import Location
-from ..output.layout import SIDECAR_NAME, quantization_config
-from ..output.manifest import MANIFEST_NAME, FileRecord, build_manifest
+from ..output.card import card_bytes, source_licence
+from ..output.layout import CARD_NAME, SIDECAR_NAME, quantization_config
+from ..output.manifest import MANIFEST_NAME, FileRecord, build_manifest, encode_manifest
 from .plan import Plan
 from .unit import UnitResult
 
@@ -99,18 +100,35 @@ class Assembler:
             self.dest.write_bytes(asset, data)
             self.files.append(FileRecord.of(asset, data))
         units = [self.results[u.index] for u in plan.units]
-        manifest = build_manifest(
-            source={"spec": plan.source.spec, **plan.source.identity},
-            quantization={**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
-            files=self.files,
-            tensors=[vars(s) for u in units for s in u.stats],
-            units=[{"name": u.name, "worker": u.worker, "seconds": round(u.read_s + u.quantize_s + u.write_s, 3)}
-                   for u in units],
-            source_bytes=plan.in_bytes, tensor_bytes=plan.out_bytes, shards=len(plan.shards),
-            tensors_copied=sum(len(u.tasks) for u in plan.units) - len(plan.quantized),
-            timings={**run_info, "read_s": sum(u.read_s for u in units), "quantize_s": sum(u.quantize_s for u in units),
-                     "stage_write_s": sum(u.write_s for u in units), "assembly_s": self.assembly_s},
-            run_key=run_key,
-        )
-        self.dest.write_bytes(MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
-        return manifest
+
+        def manifest() -> dict:
+            return build_manifest(
+                source={"spec": plan.source.spec, **plan.source.identity},
+                quantization={**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
+                files=self.files,
+                tensors=[vars(s) for u in units for s in u.stats],
+                units=[{"name": u.name, "worker": u.worker, "seconds": round(u.read_s + u.quantize_s + u.write_s, 3)}
+                       for u in units],
+                source_bytes=plan.in_bytes, tensor_bytes=plan.out_bytes, shards=len(plan.shards),
+                tensors_copied=sum(len(u.tasks) for u in plan.units) - len(plan.quantized),
+                timings={**run_info, "read_s": sum(u.read_s for u in units), "quantize_s": sum(u.quantize_s for u in units),
+                         "stage_write_s": sum(u.write_s for u in units), "assembly_s": self.assembly_s},
+                run_key=run_key,
+            )
+
+        # The card is rendered from the manifest as it stands without it (it never states the output's
+        # total size, which would include the card itself).
+        card = card_bytes(manifest(), licence=self._source_licence())
+        self.dest.write_bytes(CARD_NAME, card)
+        self.files.append(FileRecord.of(CARD_NAME, card))
+        final = manifest()
+        self.dest.write_bytes(MANIFEST_NAME, encode_manifest(final))
+        return final
+
+    def _source_licence(self) -> dict:
+        """The licence fields of the source's own model card, where it has one."""
+        source = self.plan.source
+        try:
+            return source_licence(source.read_bytes(CARD_NAME)) if source.exists(CARD_NAME) else {}
+        except OSError:  # unreadable: the card only goes without the source's licence fields
+            return {}

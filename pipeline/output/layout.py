@@ -16,6 +16,9 @@ from ..io.hf_names import INDEX_NAME
 
 # Per quantized Linear: the reference's metadata (nbits, group_size, shape, packing, ...).
 SIDECAR_NAME = INDEX_NAME + ".meta.json"
+# The model card (pipeline.output.card) and the perplexity figures an evaluation adds.
+CARD_NAME = "README.md"
+EVAL_NAME = "eval.json"
 TOOL_NAME = "sinq-cluster"
 
 
@@ -35,14 +38,49 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def loads_with_from_pretrained(method: str, tiling: str) -> bool:
+    """Whether plain ``transformers`` ``from_pretrained``, through the ``sinq`` package's import
+    hook, computes what an output of this method and tiling holds.
+
+    The hook hands the directory to the reference loader, which decodes every layer by the method
+    its sidecar entry names: right for every method on CPU, and on CUDA without GemLite. On CUDA
+    with GemLite installed it runs each 4-bit layer with 1D tiling through GemLite's kernel, which
+    only knows uniform codes (``sinq/sinqlinear.py``: ``_can_use_gemlite_from_meta`` never looks at
+    the method, ``_prepare_gemlite_args`` packs the raw codes): right for sinq and rtn, wrong for
+    NF4 codes. So nf4 with 1D tiling is the one output that must not load that way.
+    """
+    return not (method == "nf4" and tiling == "1D")
+
+
 def quantization_config(config: QuantConfig, not_converted: list[str]) -> dict:
-    """The ``quantization_config`` block transformers reads (``SinqConfig`` keys) plus ours."""
-    return {
+    """The ``quantization_config`` block transformers reads (``SinqConfig`` keys) plus ours.
+
+    ``method`` is always ``"sinq"``: transformers' ``SinqConfig`` accepts only ``"sinq"`` and
+    ``"asinq"``, and nothing that loads this layout decodes by it. Every quantized Linear's
+    sidecar entry names its own method (``rtn_quantAux``, ``sinq_nf4_quantAux``, ...), which is
+    what the reference loader and ours decode, so rtn, nf3 and 2D-tiled nf4 outputs load through
+    ``from_pretrained`` and compute what ``pipeline.loader`` does. The job's own method is
+    ``sinq_method``.
+
+    An output that plain ``from_pretrained`` would run wrongly (``loads_with_from_pretrained``)
+    gets a block without ``quant_method``: the hook then leaves it alone, and transformers refuses
+    it ("no `quant_method` attribute") instead of loading it as an unquantized model.
+    """
+    block = {
         "quant_method": "sinq",
         "nbits": config.bits,
         "group_size": config.group_size,
         "tiling_mode": config.tiling,
-        "method": config.method,
+        "method": "sinq",
+        "sinq_method": config.method,
         "modules_to_not_convert": not_converted,
         "aux": config.aux,
+    }
+    if loads_with_from_pretrained(config.method, config.tiling):
+        return block
+    return {
+        **{k: v for k, v in block.items() if k not in ("quant_method", "method")},
+        "loader": "pipeline.loader.load_quantized",
+        "note": "no quant_method on purpose: transformers' from_pretrained (with the sinq package's hook) would "
+                "run these NF4 layers through GemLite on CUDA as uniform codes; load with pipeline.loader.load_quantized",
     }

@@ -61,6 +61,23 @@ def build_manifest(
     }
 
 
+def with_files(manifest: dict, records: list[FileRecord]) -> dict:
+    """``manifest`` with ``records`` added to its files (replacing those of the same names) and its
+    output size recomputed: for a file added to a complete output (the evaluation's)."""
+    files = {f["name"]: FileRecord(**f) for f in manifest["files"]}
+    files.update({r.name: r for r in records})
+    ordered = sorted(files.values(), key=lambda f: f.name)
+    return {
+        **manifest,
+        "files": [vars(f) for f in ordered],
+        "totals": {**manifest["totals"], "output_bytes": sum(f.bytes for f in ordered)},
+    }
+
+
+def encode_manifest(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2) + "\n").encode()
+
+
 class IncompleteOutput(ValueError):
     """No manifest, or a manifest whose files do not match it."""
 

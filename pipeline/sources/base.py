@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -25,6 +27,13 @@ ASSET_FILES = (
     "chat_template.json", "preprocessor_config.json",
 )
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The terms the weights are published under travel with them: LICENSE, LICENSE.txt, LICENSE-MIT,
+# USE_POLICY.md, NOTICE, COPYING, ... (any case, any suffix), found by listing the source.
+LICENCE_FILE = re.compile(r"(LICEN[CS]E|USE_POLICY|NOTICE|COPYING)([._-][A-Za-z0-9._-]*)?", re.IGNORECASE)
+
+
+def is_licence_file(name: str) -> bool:
+    return LICENCE_FILE.fullmatch(name) is not None
 
 
 class SourceError(ValueError):
@@ -93,5 +102,21 @@ class Source:
             )
         raise SourceError(f"{self.spec}: no {SINGLE_NAME} or {INDEX_NAME} found")
 
+    def list_files(self) -> list[str]:
+        """Names of the files at the top of the checkpoint directory (no subdirectories).
+
+        A local directory is read with symbolic links followed, as ``exists`` and ``read_bytes``
+        do: a Hugging Face cache snapshot is nothing but links into its blob store."""
+        if not self.location.is_local:
+            return self.location.list()
+        try:
+            with os.scandir(self.location.path("")) as entries:
+                return sorted(e.name for e in entries if e.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def assets(self) -> list[str]:
-        return [n for n in ASSET_FILES if self.exists(n)]
+        """Files copied through to the output: the known tokenizer and generation files, then the
+        licence files, from one listing of the source."""
+        present = set(self.list_files())
+        return [n for n in ASSET_FILES if n in present] + sorted(n for n in present if is_licence_file(n))

@@ -49,6 +49,15 @@ class HubSource(Source):
             return False
         return HfApi().file_exists(self.repo_id, name, revision=self.revision)
 
+    def list_files(self) -> list[str]:
+        """The repo's top-level files at the commit: the cached snapshot when offline (what can be
+        read then), else the Hub's own listing, without downloading anything."""
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            return super().list_files()
+        return sorted(f for f in HfApi().list_repo_files(self.repo_id, revision=self.revision) if "/" not in f)
+
     def header(self, name: str) -> dict[str, TensorInfo]:
         """From the cached file, else by HTTP range requests: the driver never downloads a shard."""
         label = f"{self.spec}/{name}"
