@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and the tests' c
 
 from checkpoints import write_llama_checkpoint  # noqa: E402
 
-ENV = {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled"}
+ENV = {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(32).hex()}
 RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of this interpreter's environment
 
 

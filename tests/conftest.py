@@ -1,6 +1,9 @@
 """Process-wide settings for the test suite, applied before any library reads them."""
 
+import atexit
 import os
+import secrets
+import shutil
 import tempfile
 
 os.environ["SINQ_AUTO_PATCH"] = "0"
@@ -8,7 +11,19 @@ os.environ["SINQ_AUTO_PATCH"] = "0"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="sinq-test-hf-")
 os.environ.pop("HF_TOKEN", None)
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token authentication is on, as a user meets it: `ray.init()` turns it on for a new local
+# instance and a head started with a token requires it. Every Ray this suite starts (local_ray,
+# ray.cluster_utils.Cluster, `ray start` heads and drivers in subprocesses, which inherit this
+# environment) and every client takes this session's token from a mode-600 file, never from
+# ~/.ray/auth_token or a developer's own RAY_AUTH_TOKEN (which would take precedence over the file).
+_ray_auth_dir = tempfile.mkdtemp(prefix="sinq-test-ray-auth-")
+atexit.register(shutil.rmtree, _ray_auth_dir, True)  # registered before Ray's own exit hooks, so it runs after them
+_ray_auth_token_file = os.path.join(_ray_auth_dir, "auth_token")
+with open(os.open(_ray_auth_token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as _f:
+    _f.write(secrets.token_hex(32))
+os.environ.pop("RAY_AUTH_TOKEN", None)
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = _ray_auth_token_file
 
 
 import pytest  # noqa: E402
@@ -24,6 +39,21 @@ def _torch_defaults_unchanged(request):
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
     assert not changed, f"{request.node.nodeid} changed torch defaults"
+
+
+@pytest.fixture(scope="session")
+def ray_auth_token() -> str:
+    """The token every Ray of this session requires (to check that it never leaks)."""
+    with open(os.environ["RAY_AUTH_TOKEN_PATH"]) as f:
+        return f.read().strip()
+
+
+@pytest.fixture
+def no_ray_token(tmp_path) -> dict[str, str]:
+    """The environment of a shell that has no Ray token: no RAY_AUTH_* variables, an empty HOME."""
+    home = tmp_path / "home-without-a-ray-token"
+    home.mkdir()
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}, "HOME": str(home)}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,13 @@
 """The job on a multi-node Ray cluster on this machine: a head without CPUs and two worker
-nodes with their own resources, so every unit must run on a worker node."""
+nodes with their own resources, so every unit must run on a worker node. Token authentication
+is on (conftest sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH): every node, the driver and
+the workers take the token from that file, and a client without it is refused."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +21,8 @@ from pipeline.job.options import JobOptions
 from pipeline.job.run import run_job
 from pipeline_checks import file_bytes
 
+RAY = str(Path(sys.executable).with_name("ray"))
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -26,6 +33,28 @@ def cluster():
     yield c, nodes
     ray.shutdown()
     c.shutdown()
+
+
+def test_the_cluster_admits_only_clients_with_its_token(cluster, no_ray_token: dict[str, str], tmp_path: Path) -> None:
+    c, _ = cluster
+
+    def status(env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run([RAY, "status", "--address", c.address], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    def refused(env: dict[str, str]) -> str:
+        proc = status(env)
+        assert proc.returncode, "the cluster admitted a client without its token"
+        return proc.stderr
+
+    assert "Authentication token is missing or incorrect" in refused(no_ray_token)
+    wrong = tmp_path / "another_token"
+    wrong.write_text("0" * 64)
+    wrong.chmod(0o600)
+    assert "Authentication token is missing or incorrect" in refused(
+        {**no_ray_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(wrong)})
+    admitted = status({**no_ray_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": os.environ["RAY_AUTH_TOKEN_PATH"]})
+    assert admitted.returncode == 0, admitted.stderr[-2000:]
 
 
 def test_units_spread_over_both_worker_nodes_and_bytes_match_one_node(cluster, tmp_path: Path) -> None:

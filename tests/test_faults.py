@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict[str, str]:
-    """The environment now, with the S3 endpoint and credentials the fixtures set."""
-    return {**os.environ, "SINQ_AUTO_PATCH": "0", "RAY_AUTH_MODE": "disabled"}
+    """The environment now, with the S3 endpoint and credentials the fixtures set and the Ray token
+    (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH) conftest set: a driver's own local Ray requires it too."""
+    return {**os.environ, "SINQ_AUTO_PATCH": "0"}
 
 
 S3_BUCKETS = ("src", "dst")
