@@ -29,6 +29,12 @@ os.environ["RAY_AUTH_TOKEN_PATH"] = _ray_auth_token_file
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton decorates its own library functions when it is first imported, by whichever module
+    # imports it first (transformers can); test_kernels runs the kernels under the interpreter,
+    # which those functions must then be in too. test_kernels unsets this after importing the kernels.
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(autouse=True)
 def _torch_defaults_unchanged(request):
