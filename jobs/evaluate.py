@@ -40,6 +40,7 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
 
     from pipeline.evaluate import check_evaluable, load_tokenizer, perplexity, pinned_spec, report, text_windows
     from pipeline.loader import load_quantized, load_source
+    from pipeline.output.card import record_evaluation
     from pipeline.output.manifest import verify
 
     dtype = dtype or torch.float32
@@ -60,22 +61,8 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
     log(f"quantized  ppl {quant.ppl:.4f} ({quant.seconds:.1f} s)")
     result = report(src, quant, text=text, ctx=ctx)
     log(f"ratio      {result['ppl_ratio']:.4f}")
-    _record(dest, result)
-    return result
-
-
-def _record(dest: Location, result: dict) -> None:
-    """eval.json, the model card's figures and the manifest, through the output's card writer."""
-    try:
-        from pipeline.output.card import record_evaluation
-    except ModuleNotFoundError as exc:
-        if exc.name != "pipeline.output.card":
-            raise
-        import json
-
-        dest.write_bytes("eval.json", (json.dumps(result, indent=2) + "\n").encode())
-        return
     record_evaluation(dest, result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

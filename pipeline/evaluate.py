@@ -5,7 +5,6 @@ the text is tokenized once, cut into windows of ``ctx`` tokens from the start, a
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import tempfile
 import time
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .io.storage import Location, StorageOptions
-from .output.manifest import MANIFEST_NAME
+from .output.manifest import MANIFEST_NAME, load_manifest
 from .sources import Source, open_source
 
 # What AutoTokenizer reads from a checkpoint directory; config.json names the model type where
@@ -91,7 +90,7 @@ def pinned_spec(model: str, quantized: Location) -> str:
     A URL (``s3://``, ``synthetic://``) comes back as it is, without a look at the output."""
     if "://" in model or not quantized.exists(MANIFEST_NAME):
         return model
-    source = json.loads(quantized.read_bytes(MANIFEST_NAME)).get("source", {})
+    source = load_manifest(quantized).get("source", {})
     if source.get("spec") == model and source.get("repo_id") and source.get("commit"):
         return f"{source['repo_id']}@{source['commit']}"
     return model

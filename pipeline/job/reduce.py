@@ -73,10 +73,13 @@ class Assembler:
         self.assembly_s += time.perf_counter() - t0
         return name
 
-    def _put_json(self, name: str, obj: object) -> None:
-        data = (json.dumps(obj, indent=2) + "\n").encode()
+    def _put(self, name: str, data: bytes) -> None:
+        """Write one file after the shards and record it for the manifest."""
         self.dest.write_bytes(name, data)
         self.files.append(FileRecord.of(name, data))
+
+    def _put_json(self, name: str, obj: object) -> None:
+        self._put(name, (json.dumps(obj, indent=2) + "\n").encode())
 
     def finish(self, run_info: dict, run_key: str) -> dict:
         """Write everything after the shards; the manifest last. Returns the manifest."""
@@ -96,9 +99,7 @@ class Assembler:
         self._put_json(SIDECAR_NAME, sidecar)
         self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(plan.config, plan.not_converted)})
         for asset in plan.assets:
-            data = plan.source.read_bytes(asset)
-            self.dest.write_bytes(asset, data)
-            self.files.append(FileRecord.of(asset, data))
+            self._put(asset, plan.source.read_bytes(asset))
         units = [self.results[u.index] for u in plan.units]
 
         def manifest() -> dict:
@@ -118,9 +119,7 @@ class Assembler:
 
         # The card is rendered from the manifest as it stands without it (it never states the output's
         # total size, which would include the card itself).
-        card = card_bytes(manifest(), licence=self._source_licence())
-        self.dest.write_bytes(CARD_NAME, card)
-        self.files.append(FileRecord.of(CARD_NAME, card))
+        self._put(CARD_NAME, card_bytes(manifest(), licence=self._source_licence()))
         final = manifest()
         self.dest.write_bytes(MANIFEST_NAME, encode_manifest(final))
         return final
