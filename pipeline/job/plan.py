@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from sinq_ops import QuantConfig, quantized_layout
 from sinq_ops.memory import CPU_WORK_PER_ELEMENT, ERROR_CHECK_BYTES, GPU_WORK_PER_FP16_BYTE
 
-from ..architecture import model_buffers
+from ..architecture import ArchitectureError, ModelLayout, model_layout
 from ..io.safetensors_io import DTYPE_NAMES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import shard_names
 from ..sources import Source
 
 # A decoder layer: "model.layers.12.", "model.language_model.layers.3.", "transformer.h.7.", ...
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.(\d+))\.")
+_QUANTIZABLE = ("F16", "BF16", "F32")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -165,6 +166,29 @@ def _inventory(source: Source) -> dict[str, tuple[str, TensorInfo]]:
     return inventory
 
 
+def _loadable_layout(source: Source, model_config: dict, inventory: dict[str, tuple[str, TensorInfo]]) -> ModelLayout:
+    """The model's layout, once the checkpoint is known to fill it exactly: a source that is itself
+    quantized, a tensor with no place in the model or a parameter without a tensor is refused here,
+    before any work, instead of ending in an output that cannot load."""
+    qc = model_config.get("quantization_config")
+    if isinstance(qc, dict):
+        raise PlanError(f"{source.spec}/config.json: the checkpoint is already quantized "
+                        f"({qc.get('quant_method', 'unknown format')}); quantized sources are not supported")
+    try:
+        layout = model_layout(model_config)
+    except ArchitectureError as exc:
+        raise PlanError(f"{source.spec}/config.json: {exc}") from None
+    for name, (file, _) in sorted(inventory.items()):
+        if name not in layout.places:
+            raise PlanError(f"{source.spec}/{file}: tensor {name!r} has no place in {layout.class_name}, the model "
+                            "config.json describes, so the output would not load")
+    for names in layout.parameter_groups:
+        if not any(n in inventory for n in names):
+            raise PlanError(f"{source.spec}: no tensor for {names[0]} of {layout.class_name}, so the output would "
+                            "not load")
+    return layout
+
+
 def make_plan(
     source: Source,
     config: QuantConfig,
@@ -176,6 +200,7 @@ def make_plan(
     """Decide what is quantized, group tensors into units, and lay the units out in shards."""
     model_config = source.read_json("config.json")
     inventory = _inventory(source)
+    layout = _loadable_layout(source, model_config, inventory)
     include, exclude = include or [], exclude or []
 
     layers: dict[tuple[str, int], list[str]] = {}
@@ -195,6 +220,15 @@ def make_plan(
         )
         if not quantize:
             return TensorTask(name, file, info, False, (PlannedTensor(name, info.torch_dtype, info.shape),))
+        if layout.linear_weights.get(name) != info.shape:
+            raise PlanError(
+                f"{source.spec}/{file}: {name} is not the weight of a Linear layer of {layout.class_name}, so its "
+                "quantized form would not load or would compute something else; leave it unquantized with "
+                f"--exclude '{re.escape(name)}'"
+            )
+        if info.dtype not in _QUANTIZABLE:
+            raise PlanError(f"{source.spec}/{file}: {name} is {info.dtype}; only {', '.join(_QUANTIZABLE)} weights "
+                            "are quantized")
         n, k = info.shape
         g = config.group_size
         if k % g or (config.tiling == "2D" and n % g):
@@ -211,7 +245,7 @@ def make_plan(
         return TensorTask(name, file, info, True, outputs)
 
     ordered = [(name, [task(name, False)]) for name in sorted(others)]
-    buffers = {n: b for n, b in model_buffers(model_config).items() if n not in inventory}
+    buffers = {n: b for n, b in layout.buffers.items() if n not in inventory}
     if buffers:
         ordered.append(("(model buffers)", [_generated(n, b) for n, b in sorted(buffers.items())]))
     ordered += [(f"{base}{idx}", [task(n, True) for n in sorted(names)]) for (base, idx), names in sorted(layers.items())]

@@ -1,0 +1,86 @@
+"""A job commits only what loads and computes what the source does: checkpoints whose tensors the
+model's Linear layers do not hold (routers, fused experts, Conv1D weights), that hold tensors the
+model has no place for, miss a parameter, or are themselves quantized are refused before any work,
+in one line, with nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from checkpoints import write_llama_checkpoint
+from jobs import quantize as cli
+from pipeline.output.manifest import MANIFEST_NAME
+
+
+def _saved(model: torch.nn.Module, out: Path) -> Path:
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return write_llama_checkpoint(tmp_path_factory.mktemp("llama") / "m", layers=1, hidden=64, intermediate=128,
+                                  vocab=64, shards=1, seed=3)
+
+
+def _refused(src: Path, out: Path, capsys, *pieces: str) -> str:
+    capsys.readouterr()  # what writing the source printed
+    assert cli.main(["--model", str(src), "--out", str(out), "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for piece in pieces:
+        assert piece in err, (piece, err)
+    assert not out.exists() or not (out / MANIFEST_NAME).exists()
+    return err
+
+
+def test_a_mixture_of_experts_router_or_expert_is_never_quantized_silently(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_experts=4,
+                         num_experts_per_tok=2, head_dim=32)
+    src = _saved(Qwen3MoeForCausalLM(cfg), tmp_path / "moe")
+    _refused(src, tmp_path / "out", capsys, "model.layers.0.mlp.experts.0.", "Qwen3MoeForCausalLM",
+             "would not load")
+
+
+def test_conv1d_weights_are_not_quantized_as_if_they_were_linear(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    src = _saved(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2, n_positions=64)),
+                 tmp_path / "gpt2")
+    _refused(src, tmp_path / "out", capsys, "transformer.h.0.", "not the weight of a Linear layer of GPT2LMHeadModel")
+
+
+def test_a_tensor_without_a_place_in_the_model_is_refused(llama: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(llama, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    _refused(src, tmp_path / "out", capsys, "model.safetensors", "'model.layers.0.mlp.up_proj.weight_scale_inv'",
+             "has no place in LlamaForCausalLM")
+
+
+def test_a_parameter_without_a_tensor_is_refused(llama: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(llama, src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.0.post_attention_layernorm.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    _refused(src, tmp_path / "out", capsys, "no tensor for model.layers.0.post_attention_layernorm.weight")
+
+
+def test_an_already_quantized_source_is_refused_naming_its_format(llama: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(llama, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(src, tmp_path / "out", capsys, "config.json", "already quantized (fp8)")
