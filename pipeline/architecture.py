@@ -1,20 +1,29 @@
 """The model a config.json describes, built by transformers on the meta device.
 
-The planner checks against it that the output will load and compute what the source does:
-every quantized weight must be a ``torch.nn.Linear`` of the model (not a router, a fused expert
-tensor or a transposed Conv1D, which the loader's ``SINQLinear`` would replace or misread), every
-checkpoint tensor must have a place in it, and every parameter a tensor. It also gives the buffers
-a model computes from its config (rotary frequencies and the like: checkpoints do not store them,
+What is quantized follows from this model's structure, never from tensor names: the weight of
+every ``torch.nn.Linear`` and every matrix of an experts module (a module holding 3-D parameters,
+one matrix per expert) is a candidate; a Linear that sits directly in a mixture-of-experts block
+beside its experts computes a routing or gating signal (``shared_expert_gate``) and is kept, as
+are routers (their own module classes), embeddings, norms and every other parameter.
+
+The planner also checks against it that the output will load and compute what the source does:
+every checkpoint tensor must have a place in the model (after transformers' own renaming of
+checkpoint keys, ``pipeline.conversion``), and every parameter a tensor. It gives the buffers a
+model computes from its config (rotary frequencies and the like: checkpoints do not store them,
 but the reference loader insists on finding every buffer of the model it builds, so the output
 carries them). The loader builds the model it fills here too. Parameters take no memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+# Experts modules that transformers does not describe with ``use_experts_implementation``
+# (which sets ``is_transposed``): whether each stores its matrices [in, out].
+_TRANSPOSED_EXPERTS = {"Llama4TextExperts": True}
 
 
 class ArchitectureError(ValueError):
@@ -33,14 +42,66 @@ def empty_model(model_config: dict) -> nn.Module:
 
 
 @dataclass(frozen=True)
+class ExpertWeights:
+    """A 3-D parameter of an experts module: ``experts`` matrices stacked on the first dimension.
+
+    Each expert's matrix is quantized as a weight of its own, in the orientation the module
+    computes with: ``[out, in]``. A transposed parameter stores ``[in, out]`` and is quantized as
+    its transpose, so that groups run along the input features as for a Linear.
+    """
+
+    name: str
+    experts: int
+    stored: tuple[int, int]  # one expert's matrix as the parameter stores it
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """One expert's matrix as quantized: [out, in]."""
+        return (self.stored[1], self.stored[0]) if self.transposed else self.stored
+
+
+@dataclass(frozen=True)
 class ModelLayout:
-    """What a checkpoint must hold for the model to load from it."""
+    """What a checkpoint must hold for the model to load from it, and what of it is quantizable."""
 
     class_name: str
-    linear_weights: dict[str, tuple[int, ...]]  # weight name of every nn.Linear -> [out, in]
+    linear_weights: dict[str, tuple[int, ...]]  # weight of every quantizable nn.Linear -> [out, in]
+    linear_modules: frozenset[str]  # every module that is a Linear, of any subclass (lm_head, Llama 4's router)
+    expert_weights: dict[str, ExpertWeights]  # every 3-D parameter of an experts module
     places: frozenset[str]  # every parameter and buffer name, shared (tied) ones under each name
     parameter_groups: tuple[tuple[str, ...], ...]  # the names of each parameter, tied ones together
     buffers: dict[str, torch.Tensor]
+    kinds: dict[str, str]  # parameter or buffer name -> class name of the module that holds it
+    shapes: dict[str, tuple[int, ...]]  # parameter or buffer name -> shape
+    model: nn.Module = field(repr=False, compare=False)  # on the meta device
+
+
+def experts_transposed(module: nn.Module) -> bool:
+    """Whether an experts module stores its matrices [in, out] (``ArchitectureError`` if unknown)."""
+    transposed = getattr(module, "is_transposed", None)
+    if isinstance(transposed, bool):
+        return transposed
+    name = type(module).__name__
+    if name in _TRANSPOSED_EXPERTS:
+        return _TRANSPOSED_EXPERTS[name]
+    raise ArchitectureError(f"{name} holds 3-D expert parameters in a layout this tool does not know "
+                            "(transformers does not describe it); its matrices cannot be quantized")
+
+
+def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Experts modules: those transformers marks as such (``use_experts_implementation`` sets
+    ``is_transposed``) or that count their experts (``num_experts``), holding floating 3-D
+    parameters, one matrix per expert. A convolution's 3-D kernel is no expert."""
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            continue
+        if not any(p.dim() == 3 and p.is_floating_point() for p in m.parameters(recurse=False)):
+            continue
+        if hasattr(m, "is_transposed") or hasattr(m, "num_experts") or type(m).__name__ in _TRANSPOSED_EXPERTS:
+            found[name] = m
+    return found
 
 
 def model_layout(model_config: dict) -> ModelLayout:
@@ -53,14 +114,35 @@ def model_layout(model_config: dict) -> ModelLayout:
         raise ArchitectureError(f"transformers cannot build a causal LM from config.json ({text})") from None
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # as the loader does: a tied head needs no tensor of its own
+    experts_modules = expert_modules(model)
+    experts: dict[str, ExpertWeights] = {}
+    for mname, module in experts_modules.items():
+        transposed = experts_transposed(module)
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and p.is_floating_point():
+                name = f"{mname}.{pname}"
+                experts[name] = ExpertWeights(name, p.shape[0], (p.shape[1], p.shape[2]), transposed)
+    # A Linear directly beside an experts module, in the same block, gates or routes: kept.
+    blocks = {name.rpartition(".")[0] for name in experts_modules}
     linear = {f"{name}.weight": tuple(m.weight.shape) for name, m in model.named_modules()
-              if type(m) is nn.Linear}
+              if type(m) is nn.Linear and name.rpartition(".")[0] not in blocks}
     groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
+    kinds: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            name = f"{mname}.{pname}" if mname else pname
+            groups.setdefault(id(p), []).append(name)
+            kinds[name], shapes[name] = type(module).__name__, tuple(p.shape)
+        for bname, b in module.named_buffers(recurse=False):
+            name = f"{mname}.{bname}" if mname else bname
+            if b is not None:
+                kinds[name], shapes[name] = type(module).__name__, tuple(b.shape)
     buffers = {name: b.detach().cpu().contiguous() for name, b in model.named_buffers() if b is not None}
     places = frozenset(n for names in groups.values() for n in names) | frozenset(buffers)
-    return ModelLayout(type(model).__name__, linear, places, tuple(tuple(g) for g in groups.values()), buffers)
+    linear_modules = frozenset(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    return ModelLayout(type(model).__name__, linear, linear_modules, experts, places, tuple(tuple(g) for g in groups.values()),
+                       buffers, kinds, shapes, model)
 
 
 def model_buffers(model_config: dict) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 source checkpoint as the float model it was quantized from.
 
 The model is built from config.json on the meta device (no memory for parameters), every
-quantized Linear is swapped for a SINQLinear holding the packed tensors, and the remaining
+quantized Linear is swapped for a SINQLinear holding the packed tensors, every experts module
+with quantized matrices for a SINQExperts holding one per expert, and the remaining
 tensors are read one at a time, by byte range, from a local directory or object storage.
 No full-precision copy of a quantized weight is ever made. ``load_source`` fills the same
 empty model from any checkpoint source (directory, s3://, Hub repo at an exact commit).
@@ -15,9 +16,10 @@ import json
 import torch
 from torch import nn
 
-from sinq_ops import QuantizedWeight, SINQLinear
+from sinq_ops import QuantizedWeight, SINQExperts, SINQLinear
 
-from .architecture import empty_model
+from .architecture import empty_model, expert_modules, experts_transposed
+from .conversion import Converter
 from .io.hf_names import INDEX_NAME
 from .io.storage import Location, StorageOptions
 from .output.layout import SIDECAR_NAME
@@ -75,18 +77,41 @@ def load_quantized(
         file = weight_map[name]
         return source.read_tensor(file, headers[file][name])
 
+    experts = expert_modules(model)
+    stacked = {f"{m}.{p}": m for m, module in experts.items() for p, _ in module.named_parameters(recurse=False)}
+    linear: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
+    per_expert: dict[str, dict[str, dict[int, QuantizedWeight]]] = {}
     claimed: set[str] = set()
     for leaf, entry in sidecar.items():
         names = [n for n in weight_map if n.startswith(f"{leaf}.") and (n[len(leaf) + 1:] == "W_q" or n[len(leaf) + 1:].startswith("meta."))]
         q = QuantizedWeight.from_state_dict({n: read(n) for n in names}, entry["meta"], leaf)
+        claimed.update(names)
+        param, _, number = leaf.rpartition(".")
+        if param in stacked and number.isdigit():
+            per_expert.setdefault(stacked[param], {}).setdefault(param, {})[int(number)] = q
+            continue
         bias_name = f"{leaf}.bias"
         bias = read(bias_name) if bias_name in weight_map else None
-        claimed.update(names + ([bias_name] if bias is not None else []))
-        parent, _, child = leaf.rpartition(".")
-        setattr(model.get_submodule(parent), child, SINQLinear(q, bias, compute_dtype=dtype))
+        claimed.update([bias_name] if bias is not None else [])
+        linear[leaf] = (q, bias)
 
     for name in sorted(set(weight_map) - claimed):
         _set_tensor(model, name, read(name), dtype)
+    for leaf, (q, bias) in linear.items():
+        parent, _, child = leaf.rpartition(".")
+        setattr(model.get_submodule(parent), child, SINQLinear(q, bias, compute_dtype=dtype))
+    for module_name, params in per_expert.items():
+        module = experts[module_name]
+        weights = {}
+        for param, by_expert in params.items():
+            count = getattr(module, param.rpartition(".")[2]).shape[0]
+            if sorted(by_expert) != list(range(count)):
+                missing = min(set(range(count)) - set(by_expert))
+                raise IncompleteOutput(f"{location}: no quantized matrix for expert {missing} of {param}")
+            weights[param.rpartition(".")[2]] = [SINQLinear(by_expert[e], None, compute_dtype=dtype) for e in range(count)]
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                SINQExperts(module, weights, transposed=experts_transposed(module)))
     return _finish(model, location, device)
 
 
@@ -102,7 +127,28 @@ def load_source(
     """
     src = source if isinstance(source, Source) else open_source(source, storage)
     model = empty_model(src.read_json("config.json"))
+    shapes = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    converter = Converter(model, frozenset(shapes))
+    stacks: dict[str, torch.Tensor] = {}
+    filled: dict[str, set[tuple[int, int]]] = {}
+    parts: dict[str, int] = {}
     for file in src.weight_files():
         for name, info in src.header(file).items():
-            _set_tensor(model, name, src.read_tensor(file, info), dtype)
+            target = converter.target(name)
+            tensor = src.read_tensor(file, info)
+            if target.expert is None:
+                _set_tensor(model, target.name, tensor, dtype)
+                continue
+            if target.name not in shapes:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the {type(model).__name__} built from "
+                                 "config.json")
+            stack = stacks.setdefault(target.name, torch.empty(shapes[target.name].shape, dtype=dtype))
+            rows = stack.shape[1] // target.parts
+            stack[target.expert, target.part * rows:(target.part + 1) * rows] = tensor
+            filled.setdefault(target.name, set()).add((target.expert, target.part))
+            parts[target.name] = target.parts
+    for name, stack in stacks.items():
+        if len(filled[name]) != stack.shape[0] * parts[name]:
+            raise IncompleteOutput(f"{src.spec}: not every expert of {name} has its tensors")
+        _set_tensor(model, name, stack, dtype)
     return _finish(model, src.spec, device)

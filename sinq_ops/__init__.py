@@ -10,12 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _HOMES = {
-    "QuantConfig": "config", "SINQLinear": "linear", "QuantizedWeight": "quantize", "quantize": "quantize",
+    "QuantConfig": "config", "SINQExperts": "experts", "SINQLinear": "linear", "QuantizedWeight": "quantize", "quantize": "quantize",
     "quantized_layout": "quantize", "relative_error": "quantize",
 }
 
 if TYPE_CHECKING:
     from .config import QuantConfig
+    from .experts import SINQExperts
     from .linear import SINQLinear
     from .quantize import QuantizedWeight, quantize, quantized_layout, relative_error
 

@@ -31,6 +31,7 @@ class JobOptions:
     gpus_per_worker: float = 1.0
     cpus_per_worker: int = 1
     max_shard_size: int = 4 * 10**9
+    worker_memory: int = 12 * 10**9  # pipeline.job.plan.DEFAULT_WORKER_MEMORY, without importing torch
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     dry_run: bool = False
@@ -108,8 +109,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("gpus_per_worker", "GPU share per actor; 0.5 packs two actors on one card", kind="float", metavar="F"),
     Option("cpus_per_worker", "CPU threads per actor", kind="int", metavar="N"),
     Option("max_shard_size", "largest output shard, e.g. 500MB, 2GiB", kind="size", metavar="SIZE"),
-    Option("include", "quantize only tensors matching this regex (repeatable)", kind="list", metavar="REGEX"),
-    Option("exclude", "leave tensors matching this regex unquantized (repeatable)", kind="list", metavar="REGEX"),
+    Option("worker_memory", "memory one worker may plan for a unit (its source tensors, outputs and work space); "
+                            "a decoder layer that needs more is split into units by groups of experts "
+                            "(the default suits two workers on a 24 GB card)", kind="size", metavar="SIZE"),
+    Option("include", "quantize only the model's tensors whose names match this regex (repeatable)", kind="list", metavar="REGEX"),
+    Option("exclude", "leave the model's tensors whose names match this regex unquantized (repeatable)", kind="list", metavar="REGEX"),
     Option("dry_run", "print the plan (units, sizes, shards, memory per worker) and exit", kind="flag"),
     Option("overwrite", "replace a complete output of another job (model, config, tensor selection or tool version)",
            kind="flag"),

@@ -5,6 +5,7 @@ Nothing here touches tensor data: the driver plans a 70B model from a few MB of 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -12,7 +13,8 @@ from sinq_ops import QuantConfig, quantized_layout
 from sinq_ops.memory import CPU_WORK_PER_ELEMENT, ERROR_CHECK_BYTES, GPU_WORK_PER_FP16_BYTE
 
 from ..architecture import ArchitectureError, ModelLayout, model_layout
-from ..io.safetensors_io import DTYPE_NAMES, PlannedTensor, TensorInfo, tensor_bytes
+from ..conversion import ConversionError, Converter
+from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import shard_names
 from ..sources import Source
 
@@ -20,6 +22,8 @@ from ..sources import Source
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.(\d+))\.")
 _QUANTIZABLE = ("F16", "BF16", "F32")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# What one worker may plan for a unit: two workers sharing a 24 GB card (and its host's memory).
+DEFAULT_WORKER_MEMORY = 12 * 10**9
 
 
 class PlanError(ValueError):
@@ -27,20 +31,50 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
-class TensorTask:
-    """One source tensor: where it is, and what the output holds for it."""
+class Piece:
+    """Bytes of the source that a task reads: one checkpoint tensor, or one expert's matrix of a
+    stacked one (``info`` then spans that matrix only)."""
 
-    name: str
     file: str
     info: TensorInfo
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One tensor of the output's model: the source bytes it is made of, and what the output holds for it.
+
+    ``pieces`` are concatenated in order into a tensor of ``shape`` (an expert's gate and up
+    projections into its gate_up matrix, or every expert's matrices into a stacked parameter);
+    a quantized task with ``transpose`` is quantized as that tensor's transpose.
+    """
+
+    name: str  # the model's tensor; for an expert's matrix, the stacked parameter's name and the expert number
+    pieces: tuple[Piece, ...]
+    dtype: str
+    shape: tuple[int, ...]
     quantize: bool
     outputs: tuple[PlannedTensor, ...]
+    leaf: str = ""  # the name the quantized tensors are keyed by (a Linear's module, an expert's matrix)
+    transpose: bool = False
+    expert: int | None = None
     data: bytes | None = None  # a tensor computed at plan time rather than read from the source
 
     @property
-    def leaf(self) -> str:
-        """The module name the reference keys quantized tensors by."""
-        return self.name[: -len(".weight")] if self.quantize else self.name
+    def file(self) -> str:
+        return self.pieces[0].file if self.pieces else ""
+
+    @property
+    def source_name(self) -> str:
+        """The checkpoint tensor to name in an error about this task."""
+        return self.pieces[0].info.name if self.pieces else self.name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.info.nbytes for p in self.pieces) if self.pieces else len(self.data or b"")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -48,10 +82,11 @@ class Unit:
     index: int
     name: str
     tasks: tuple[TensorTask, ...]
+    block: str = ""  # the decoder layer (or other group) a split unit belongs to; shards never split a block
 
     @property
     def in_bytes(self) -> int:
-        return sum(t.info.nbytes for t in self.tasks)
+        return sum(t.nbytes for t in self.tasks)
 
     @property
     def out_bytes(self) -> int:
@@ -60,6 +95,29 @@ class Unit:
     @property
     def outputs(self) -> list[PlannedTensor]:
         return [o for t in self.tasks for o in t.outputs]
+
+    def memory_bytes(self, gpu: bool = False) -> int:
+        """Peak host memory of a worker on this unit: its source and output tensors, plus on a CPU
+        worker the fp32 working copies of its largest weight (the weight, its square, the
+        normalised tiles, codes)."""
+        return _memory(self.tasks, gpu)
+
+
+def _memory(tasks: tuple[TensorTask, ...] | list[TensorTask], gpu: bool = False) -> int:
+    largest = max((t.numel for t in tasks if t.quantize), default=0)
+    held = sum(t.nbytes + sum(o.nbytes for o in t.outputs) for t in tasks)
+    return held + (0 if gpu else CPU_WORK_PER_ELEMENT * largest)
+
+
+@dataclass(frozen=True)
+class KindSummary:
+    """What the plan does with the tensors of one kind of module (the class that holds them)."""
+
+    kind: str
+    quantized_matrices: int = 0
+    quantized_params: int = 0
+    kept_tensors: int = 0
+    kept_params: int = 0
 
 
 @dataclass
@@ -72,6 +130,8 @@ class Plan:
     assets: list[str]
     not_converted: list[str]
     max_shard_size: int
+    worker_memory: int = DEFAULT_WORKER_MEMORY
+    kinds: list[KindSummary] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -90,30 +150,38 @@ class Plan:
     def quantized(self) -> list[TensorTask]:
         return [t for u in self.units for t in u.tasks if t.quantize]
 
+    @property
+    def quantized_share(self) -> float:
+        """Share of all the model's parameters (from the checkpoint) that are quantized."""
+        quantized = sum(k.quantized_params for k in self.kinds)
+        return quantized / max(1, quantized + sum(k.kept_params for k in self.kinds))
+
+    def structure(self) -> dict:
+        """The per-kind summary as the manifest records it."""
+        return {"kinds": [vars(k) for k in self.kinds], "quantized_share": round(self.quantized_share, 6)}
+
     def worker_memory_bytes(self, gpu: bool = False) -> int:
-        """Peak host memory of one worker: a unit's source and output tensors, plus on a CPU worker
-        the fp32 working copies of its largest tensor (the weight, its square, the normalised tiles, codes)."""
-        peak = 0
-        for u in self.units:
-            largest = max((t.info.nbytes // t.info.itemsize for t in u.tasks if t.quantize), default=0)
-            peak = max(peak, u.in_bytes + u.out_bytes + (0 if gpu else CPU_WORK_PER_ELEMENT * largest))
-        return peak
+        """Peak host memory of one worker: the largest of its units' (``Unit.memory_bytes``)."""
+        return max((u.memory_bytes(gpu) for u in self.units), default=0)
 
     def gpu_memory_bytes(self) -> int:
         """Peak GPU memory of one GPU worker, its CUDA context aside: the largest weight on the device,
         what the kernels allocate for it, and the error check's unpacked codes (a byte per weight) and row blocks."""
-        sizes = [(t.info.nbytes, t.info.nbytes // t.info.itemsize) for t in self.quantized]
+        sizes = [(t.nbytes, t.numel) for t in self.quantized]
         return max((b + int(GPU_WORK_PER_FP16_BYTE * 2 * n) + n for b, n in sizes), default=0) + ERROR_CHECK_BYTES
 
     def describe(self) -> str:
         gb = 1e9
         cfg = self.config
+        layers = {u.block for u in self.units if LAYER_PATTERN.match(u.block + ".")}
         lines = [
             f"source        {self.source.spec}",
             f"quantization  {cfg.method} {cfg.bits}-bit, group {cfg.group_size}, {cfg.tiling} tiling, {cfg.aux} scales",
-            f"units         {len(self.units)} ({sum(1 for u in self.units if LAYER_PATTERN.match(u.name + '.'))} decoder layers)",
-            f"tensors       {len(self.quantized)} quantized, "
-            f"{sum(len(u.tasks) for u in self.units) - len(self.quantized)} copied",
+            f"units         {len(self.units)} ({len(layers)} decoder layers; each unit planned within "
+            f"{self.worker_memory / gb:.2f} GB of worker memory)",
+            f"tensors       {len(self.quantized)} matrices quantized, "
+            f"{sum(1 for u in self.units for t in u.tasks if not t.quantize)} tensors copied; "
+            f"{100 * self.quantized_share:.2f}% of all parameters quantized",
             f"size          {self.in_bytes / gb:.3f} GB in -> {self.out_bytes / gb:.3f} GB out "
             f"({self.in_bytes / max(self.out_bytes, 1):.2f}x smaller)",
             f"shards        {len(self.shards)} (max {self.max_shard_size / gb:.2f} GB each)",
@@ -123,8 +191,12 @@ class Plan:
             f"not converted {', '.join(self.not_converted) or '-'}",
             f"assets        {', '.join(self.assets) or '-'}",
             "",
-            f"{'#':>4} {'unit':40s} {'tensors':>7} {'quant':>5} {'in MB':>10} {'out MB':>10} {'shard':>5}",
+            f"{'module kind':36s} {'quantized':>9} {'params':>14} {'kept':>6} {'params':>14}",
         ]
+        for k in self.kinds:
+            lines.append(f"{k.kind[:36]:36s} {k.quantized_matrices:>9} {k.quantized_params:>14,} "
+                         f"{k.kept_tensors:>6} {k.kept_params:>14,}")
+        lines += ["", f"{'#':>4} {'unit':40s} {'tensors':>7} {'quant':>5} {'in MB':>10} {'out MB':>10} {'shard':>5}"]
         shard_of = {u: i + 1 for i, units in enumerate(self.shards) for u in units}
         for u in self.units:
             q = sum(t.quantize for t in u.tasks)
@@ -138,8 +210,8 @@ class Plan:
 
 def _generated(name: str, tensor) -> TensorTask:
     data = bytes(tensor_bytes(tensor))
-    info = TensorInfo(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), 0, len(data))
-    return TensorTask(name, "", info, False, (PlannedTensor(name, tensor.dtype, tuple(tensor.shape)),), data)
+    return TensorTask(name, (), DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), False,
+                      (PlannedTensor(name, tensor.dtype, tuple(tensor.shape)),), data=data)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -166,27 +238,79 @@ def _inventory(source: Source) -> dict[str, tuple[str, TensorInfo]]:
     return inventory
 
 
-def _loadable_layout(source: Source, model_config: dict, inventory: dict[str, tuple[str, TensorInfo]]) -> ModelLayout:
-    """The model's layout, once the checkpoint is known to fill it exactly: a source that is itself
-    quantized, a tensor with no place in the model or a parameter without a tensor is refused here,
-    before any work, instead of ending in an output that cannot load."""
+def _layout(source: Source, model_config: dict) -> ModelLayout:
     qc = model_config.get("quantization_config")
     if isinstance(qc, dict):
         raise PlanError(f"{source.spec}/config.json: the checkpoint is already quantized "
                         f"({qc.get('quant_method', 'unknown format')}); quantized sources are not supported")
     try:
-        layout = model_layout(model_config)
+        return model_layout(model_config)
     except ArchitectureError as exc:
         raise PlanError(f"{source.spec}/config.json: {exc}") from None
-    for name, (file, _) in sorted(inventory.items()):
-        if name not in layout.places:
-            raise PlanError(f"{source.spec}/{file}: tensor {name!r} has no place in {layout.class_name}, the model "
-                            "config.json describes, so the output would not load")
+
+
+def _model_tensors(
+    source: Source, layout: ModelLayout, inventory: dict[str, tuple[str, TensorInfo]],
+) -> dict[str, tuple[Piece, ...]]:
+    """Model tensor name -> the source pieces that make it, in order, once the checkpoint is known
+    to fill the model exactly. A tensor with no place in the model, one of the wrong shape, an
+    expert missing from a stacked parameter or a parameter without a tensor is refused here,
+    before any work, instead of ending in an output that cannot load."""
+    converter = Converter(layout.model, layout.places)
+    whole: dict[str, Piece] = {}
+    experts: dict[str, dict[tuple[int, int], Piece]] = {}
+    parts_of: dict[str, int] = {}
+    for name, (file, info) in sorted(inventory.items()):
+        where = f"{source.spec}/{file}: tensor {name!r}"
+        try:
+            target = converter.target(name)
+        except ConversionError as exc:
+            raise PlanError(f"{source.spec}/{file}: {exc}") from None
+        if target.name not in layout.places:
+            raise PlanError(f"{where} has no place in {layout.class_name}, the model config.json describes, "
+                            "so the output would not load")
+        want = layout.shapes[target.name]
+        if target.expert is None:
+            if target.name in whole or target.name in experts:
+                raise PlanError(f"{where} fills {target.name}, which another tensor fills too")
+            if info.shape != want:
+                raise PlanError(f"{where} has shape {list(info.shape)}; {layout.class_name}'s {target.name} is "
+                                f"{list(want)}, so the output would not load")
+            whole[target.name] = Piece(file, info)
+            continue
+        rows = want[1] // target.parts if len(want) == 3 else -1
+        if len(want) != 3 or target.expert >= want[0] or info.shape != (rows, want[2]) or want[1] % target.parts:
+            raise PlanError(f"{where} of shape {list(info.shape)} does not fit expert {target.expert} of "
+                            f"{target.name} {list(want)}, so the output would not load")
+        if target.name in whole or (target.expert, target.part) in experts.get(target.name, {}):
+            raise PlanError(f"{where} fills expert {target.expert} of {target.name}, which another tensor fills too")
+        experts.setdefault(target.name, {})[(target.expert, target.part)] = Piece(file, info)
+        parts_of[target.name] = target.parts
+    tensors: dict[str, tuple[Piece, ...]] = {n: (p,) for n, p in whole.items()}
+    for name, pieces in experts.items():
+        count, parts = layout.shapes[name][0], parts_of[name]
+        missing = [(e, k) for e in range(count) for k in range(parts) if (e, k) not in pieces]
+        if missing:
+            raise PlanError(f"{source.spec}: no tensor for expert {missing[0][0]} of {name} "
+                            f"({len(missing)} of {count * parts} missing), so the output would not load")
+        tensors[name] = tuple(pieces[(e, k)] for e in range(count) for k in range(parts))
     for names in layout.parameter_groups:
-        if not any(n in inventory for n in names):
+        if not any(n in tensors for n in names):
             raise PlanError(f"{source.spec}: no tensor for {names[0]} of {layout.class_name}, so the output would "
                             "not load")
-    return layout
+    return tensors
+
+
+def _expert_pieces(pieces: tuple[Piece, ...], experts: int, expert: int) -> tuple[Piece, ...]:
+    """The pieces of one expert's matrix: its share of the per-expert tensors, or its slice of one
+    stacked tensor (a contiguous byte range, read on its own)."""
+    if len(pieces) == 1 and len(pieces[0].info.shape) == 3:
+        whole = pieces[0]
+        info = whole.info
+        size = info.nbytes // experts
+        return (Piece(whole.file, TensorInfo(info.name, info.dtype, info.shape[1:], info.start + expert * size, size)),)
+    per = len(pieces) // experts
+    return pieces[expert * per:(expert + 1) * per]
 
 
 def make_plan(
@@ -196,76 +320,169 @@ def make_plan(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     max_shard_size: int = 4 * 10**9,
+    worker_memory: int = DEFAULT_WORKER_MEMORY,
 ) -> Plan:
-    """Decide what is quantized, group tensors into units, and lay the units out in shards."""
+    """Decide what is quantized, group tensors into units, and lay the units out in shards.
+
+    A decoder layer is one unit unless its planned memory (``Unit.memory_bytes``) exceeds
+    ``worker_memory``; then it is split into units by consecutive groups of experts, the first
+    also holding the layer's other tensors. Shards are laid out by whole layers, so the output's
+    bytes do not depend on how a layer was split. For example, a DeepSeek-V3 layer (256 experts,
+    22.5 GB in bf16) becomes three units under the default 12 GB.
+    """
     model_config = source.read_json("config.json")
     inventory = _inventory(source)
-    layout = _loadable_layout(source, model_config, inventory)
+    layout = _layout(source, model_config)
+    tensors = _model_tensors(source, layout, inventory)
     include, exclude = include or [], exclude or []
 
-    layers: dict[tuple[str, int], list[str]] = {}
-    others: list[str] = []
-    for name in inventory:
-        m = LAYER_PATTERN.match(name)
-        if m:
-            layers.setdefault((m.group(1)[: -len(m.group(2))], int(m.group(2))), []).append(name)
-        else:
-            others.append(name)
+    def chosen(name: str) -> bool:
+        return (LAYER_PATTERN.match(name) is not None and (not include or _matches(name, include))
+                and not _matches(name, exclude))
 
-    def task(name: str, in_layer: bool) -> TensorTask:
-        file, info = inventory[name]
-        quantize = (
-            in_layer and len(info.shape) == 2 and name.endswith(".weight") and info.torch_dtype.is_floating_point
-            and (not include or _matches(name, include)) and not _matches(name, exclude)
-        )
-        if not quantize:
-            return TensorTask(name, file, info, False, (PlannedTensor(name, info.torch_dtype, info.shape),))
-        if layout.linear_weights.get(name) != info.shape:
-            raise PlanError(
-                f"{source.spec}/{file}: {name} is not the weight of a Linear layer of {layout.class_name}, so its "
-                "quantized form would not load or would compute something else; leave it unquantized with "
-                f"--exclude '{re.escape(name)}'"
-            )
-        if info.dtype not in _QUANTIZABLE:
-            raise PlanError(f"{source.spec}/{file}: {name} is {info.dtype}; only {', '.join(_QUANTIZABLE)} weights "
-                            "are quantized")
-        n, k = info.shape
+    def check_weight(name: str, pieces: tuple[Piece, ...], shape: tuple[int, int], what: str) -> None:
+        file, dtype = pieces[0].file, pieces[0].info.dtype
+        if dtype not in _QUANTIZABLE:
+            raise PlanError(f"{source.spec}/{file}: {pieces[0].info.name} is {dtype}; only "
+                            f"{', '.join(_QUANTIZABLE)} weights are quantized")
+        n, k = shape
         g = config.group_size
         if k % g or (config.tiling == "2D" and n % g):
             dim = f"in_features={k}" if k % g else f"out_features={n} (2D tiling)"
             raise PlanError(
-                f"{source.spec}/{file}: {name} has {dim}, not divisible by group size {g}; "
+                f"{source.spec}/{file}: {what} has {dim}, not divisible by group size {g}; "
                 f"pick a group size that divides it, or leave it unquantized with --exclude '{re.escape(name)}'"
             )
-        leaf = name[: -len(".weight")]
-        outputs = tuple(
-            PlannedTensor(f"{leaf}.{suffix}", dtype, shape)
-            for suffix, (dtype, shape) in quantized_layout((n, k), config).items()
-        )
-        return TensorTask(name, file, info, True, outputs)
 
-    ordered = [(name, [task(name, False)]) for name in sorted(others)]
-    buffers = {n: b for n, b in layout.buffers.items() if n not in inventory}
+    def quantized_task(name: str, leaf: str, pieces: tuple[Piece, ...], stored: tuple[int, int],
+                       transpose: bool, expert: int | None) -> TensorTask:
+        shape = (stored[1], stored[0]) if transpose else stored
+        outputs = tuple(PlannedTensor(f"{leaf}.{suffix}", dtype, shp)
+                        for suffix, (dtype, shp) in quantized_layout(shape, config).items())
+        return TensorTask(name, pieces, pieces[0].info.dtype, stored, True, outputs, leaf, transpose, expert)
+
+    def copied(name: str, pieces: tuple[Piece, ...]) -> TensorTask:
+        shape = layout.shapes[name]
+        dtype = pieces[0].info.dtype
+        return TensorTask(name, pieces, dtype, shape, False, (PlannedTensor(name, DTYPES[dtype], shape),))
+
+    tasks_of: dict[str, list[TensorTask]] = {}
+    for name, pieces in sorted(tensors.items()):
+        m = LAYER_PATTERN.match(name)
+        block = m.group(1) if m else name
+        if name in layout.linear_weights and chosen(name):
+            check_weight(name, pieces, layout.linear_weights[name], name)
+            tasks = [quantized_task(name, name.removesuffix(".weight"), pieces, layout.linear_weights[name], False, None)]
+        elif name in layout.expert_weights and chosen(name):
+            ew = layout.expert_weights[name]
+            check_weight(name, pieces, ew.shape, f"{name} (each expert's matrix, {list(ew.shape)} as quantized)")
+            tasks = [quantized_task(name, f"{name}.{e}", _expert_pieces(pieces, ew.experts, e), ew.stored,
+                                    ew.transposed, e) for e in range(ew.experts)]
+        else:
+            tasks = [copied(name, pieces)]
+        tasks_of.setdefault(block, []).extend(tasks)
+
+    for tasks in tasks_of.values():
+        # A layer's other tensors, then its experts in order: the order of the unsplit layer is that
+        # of its split units one after another, so a shard's bytes do not depend on the split.
+        tasks.sort(key=lambda t: -1 if t.expert is None else t.expert)
+    blocks = sorted(tasks_of, key=lambda b: (LAYER_PATTERN.match(b + ".") is not None, _layer_key(b)))
+    buffers = {n: b for n, b in layout.buffers.items() if n not in tensors}
+    grouped: list[tuple[str, list[list[TensorTask]]]] = []
+    for block in blocks:
+        if LAYER_PATTERN.match(block + ".") is None:
+            grouped.append((block, [tasks_of[block]]))
     if buffers:
-        ordered.append(("(model buffers)", [_generated(n, b) for n, b in sorted(buffers.items())]))
-    ordered += [(f"{base}{idx}", [task(n, True) for n in sorted(names)]) for (base, idx), names in sorted(layers.items())]
-    units = [Unit(i, name, tuple(tasks)) for i, (name, tasks) in enumerate(ordered)]
+        grouped.append(("(model buffers)", [[_generated(n, b) for n, b in sorted(buffers.items())]]))
+    for block in blocks:
+        if LAYER_PATTERN.match(block + ".") is not None:
+            grouped.append((block, _split(source, block, tasks_of[block], worker_memory)))
+    units: list[Unit] = []
+    for block, parts in grouped:
+        for tasks in parts:
+            units.append(Unit(len(units), _unit_name(block, tasks, len(parts)), tuple(tasks), block))
     if not any(t.quantize for u in units for t in u.tasks):
-        raise PlanError(f"{source.spec}: no tensor to quantize (no 2-D weights inside decoder layers match)")
+        raise PlanError(f"{source.spec}: no tensor to quantize (no Linear or expert weights inside decoder "
+                        "layers are selected)")
 
     shards: list[list[int]] = [[]]
     size = 0
+    members_of: dict[str, list[Unit]] = {}
     for u in units:
-        if shards[-1] and size + u.out_bytes > max_shard_size:
+        members_of.setdefault(u.block, []).append(u)
+    for block, _ in grouped:
+        members = members_of[block]
+        block_bytes = sum(u.out_bytes for u in members)
+        if shards[-1] and size + block_bytes > max_shard_size:
             shards.append([])
             size = 0
-        shards[-1].append(u.index)
-        size += u.out_bytes
+        shards[-1].extend(u.index for u in members)
+        size += block_bytes
 
-    quantized = {t.leaf for u in units for t in u.tasks if t.quantize}
+    quantized = {t.name for u in units for t in u.tasks if t.quantize}
     not_converted = sorted(
-        {n[: -len(".weight")] for n, (_, i) in inventory.items()
-         if n.endswith(".weight") and len(i.shape) == 2 and "embed" not in n and n[: -len(".weight")] not in quantized}
-        | {"lm_head"}
+        {n.removesuffix(".weight") for n in tensors if n.removesuffix(".weight") in layout.linear_modules
+         and n not in quantized} | {"lm_head"}
     )
-    return Plan(source, config, units, shards, model_config, source.assets(), not_converted, max_shard_size)
+    return Plan(source, config, units, shards, model_config, source.assets(), not_converted, max_shard_size,
+                worker_memory, _kinds(layout, tensors, units))
+
+
+def _layer_key(block: str) -> tuple[str, int]:
+    m = LAYER_PATTERN.match(block + ".")
+    return (block[: -len(m.group(2))], int(m.group(2))) if m else (block, -1)
+
+
+def _split(source: Source, block: str, tasks: list[TensorTask], budget: int) -> list[list[TensorTask]]:
+    """A layer's tasks as one unit, or, when that exceeds ``budget``, as consecutive groups of
+    experts (the layer's other tensors with the first group)."""
+    if _memory(tasks) <= budget:
+        return [tasks]
+    rest = [t for t in tasks if t.expert is None]
+    experts: dict[int, list[TensorTask]] = {}
+    for t in tasks:
+        if t.expert is not None:
+            experts.setdefault(t.expert, []).append(t)
+    groups: list[list[TensorTask]] = [rest]
+    for e in sorted(experts):
+        if _memory(groups[-1] + experts[e]) > budget and any(t.expert is not None for t in groups[-1]):
+            groups.append([])
+        groups[-1].extend(experts[e])
+    for g in groups:
+        if _memory(g) > budget:
+            what = f"expert {g[-1].expert}" if len(g) and g[-1].expert is not None and all(
+                t.expert == g[-1].expert for t in g) else "its tensors other than experts"
+            raise PlanError(f"{source.spec}: {block} needs {_gb(_memory(g))} of worker memory for {what}, "
+                            f"more than --worker-memory {_gb(budget)}; raise --worker-memory")
+    return [g for g in groups if g]
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
+
+
+def _unit_name(block: str, tasks: list[TensorTask], parts: int) -> str:
+    experts = [t.expert for t in tasks if t.expert is not None]
+    if parts == 1 or not experts:
+        return block
+    return f"{block} (experts {min(experts)}-{max(experts)})"
+
+
+def _kinds(layout: ModelLayout, tensors: dict[str, tuple[Piece, ...]], units: list[Unit]) -> list[KindSummary]:
+    """Per kind of module: matrices and parameters quantized, tensors and parameters kept."""
+    totals: dict[str, list[int]] = {}
+    quantized: dict[str, list[TensorTask]] = {}
+    for u in units:
+        for t in u.tasks:
+            if t.quantize:
+                quantized.setdefault(t.name, []).append(t)
+    for name in tensors:
+        row = totals.setdefault(layout.kinds[name], [0, 0, 0, 0])
+        numel = math.prod(layout.shapes[name])
+        if name in quantized:
+            row[0] += len(quantized[name])
+            row[1] += numel
+        else:
+            row[2] += 1
+            row[3] += numel
+    return [KindSummary(kind, *row) for kind, row in sorted(totals.items())]

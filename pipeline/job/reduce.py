@@ -114,7 +114,7 @@ class Assembler:
                 tensors_copied=sum(len(u.tasks) for u in plan.units) - len(plan.quantized),
                 timings={**run_info, "read_s": sum(u.read_s for u in units), "quantize_s": sum(u.quantize_s for u in units),
                          "stage_write_s": sum(u.write_s for u in units), "assembly_s": self.assembly_s},
-                run_key=run_key,
+                run_key=run_key, structure=plan.structure(),
             )
 
         # The card is rendered from the manifest as it stands without it (it never states the output's

@@ -135,12 +135,14 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     t_start = time.perf_counter()
     config = opts.quant
     source = open_source(opts.model, opts.storage)
-    plan = make_plan(source, config, include=list(opts.include), exclude=list(opts.exclude), max_shard_size=opts.max_shard_size)
+    plan = make_plan(source, config, include=list(opts.include), exclude=list(opts.exclude),
+                     max_shard_size=opts.max_shard_size, worker_memory=opts.worker_memory)
     logger.info("planned %d units in %d shards: %.3f GB in, %.3f GB out", len(plan.units), len(plan.shards),
                 plan.in_bytes / 1e9, plan.out_bytes / 1e9)
     if opts.dry_run:
         log(plan.describe())
-        return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes}
+        return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes,
+                **plan.structure()}
 
     dest = Location(opts.out, opts.storage)
     key = run_key(plan, opts)

@@ -15,10 +15,12 @@ import torch
 
 from sinq_ops import QuantConfig, quantize, relative_error
 
-from ..io.safetensors_io import aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream
+from ..io.safetensors_io import (
+    TensorInfo, aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream,
+)
 from ..io.storage import Location
 from ..sources import Source
-from .plan import Unit
+from .plan import TensorTask, Unit
 
 
 class UnitError(ValueError):
@@ -80,6 +82,17 @@ def staged_result(unit: Unit, staging: Location) -> UnitResult | None:
     return result if staging.sha256(data_name) == result.sha256 else None
 
 
+def read_task(source: Source, task: TensorTask) -> torch.Tensor:
+    """The tensor ``task`` is made of: computed at plan time, one checkpoint tensor, or its pieces
+    (each read by its own byte range) joined in order."""
+    if task.data is not None:
+        return tensor_from_bytes(TensorInfo(task.name, task.dtype, task.shape, 0, len(task.data)), task.data)
+    if len(task.pieces) == 1 and task.pieces[0].info.shape == task.shape:
+        return source.read_tensor(task.pieces[0].file, task.pieces[0].info)
+    parts = [source.read_tensor(p.file, p.info).reshape(-1) for p in task.pieces]
+    return torch.cat(parts).reshape(task.shape)
+
+
 def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str) -> UnitResult:
     """Quantize every tensor of ``unit`` that the plan marks, copy the rest, stage the result;
     or take the result an earlier run staged, once it verifies."""
@@ -93,17 +106,19 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
     read_s = quant_s = 0.0
     for task in unit.tasks:
         t0 = time.perf_counter()
-        tensor = tensor_from_bytes(task.info, task.data) if task.data is not None else source.read_tensor(task.file, task.info)
+        tensor = read_task(source, task)
         read_s += time.perf_counter() - t0
         if not task.quantize:
             outputs[task.name] = tensor
             continue
         t0 = time.perf_counter()
         w = tensor.to(device)
+        if task.transpose:
+            w = w.t().contiguous()
         try:
             q = quantize(w, **config.to_dict())
         except ValueError as exc:
-            raise UnitError(f"{source.spec}/{task.file}: {task.name}: {exc}") from None
+            raise UnitError(f"{source.spec}/{task.file}: {task.source_name}: {exc}") from None
         err = relative_error(w, q)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -111,7 +126,8 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
         quant_s += seconds
         outputs.update(q.to("cpu").to_state_dict(task.leaf))
         sidecar[task.leaf] = q.metadata()
-        stats.append(TensorStats(task.name, list(task.info.shape), config.bits, err, seconds, q.sinkhorn_applied))
+        label = task.name if task.expert is None else task.leaf
+        stats.append(TensorStats(label, list(w.shape), config.bits, err, seconds, q.sinkhorn_applied))
         del w, q, tensor
 
     planned = aligned_order(unit.outputs)

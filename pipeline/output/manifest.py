@@ -31,9 +31,11 @@ class FileRecord:
 def build_manifest(
     *, source: dict, quantization: dict, files: list[FileRecord], tensors: list[dict], units: list[dict],
     source_bytes: int, tensor_bytes: int, shards: int, tensors_copied: int, timings: dict, run_key: str,
+    structure: dict | None = None,
 ) -> dict:
     """The manifest of a finished job: every other file with its size and sha256, per-tensor
-    statistics (``name``, ``rel_error``, ...) and their totals."""
+    statistics (``name``, ``rel_error``, ...) and their totals, and per kind of module what was
+    quantized and kept (``structure``)."""
     errors = [t["rel_error"] for t in tensors]
     worst = max(range(len(errors)), key=errors.__getitem__)
     return {
@@ -44,6 +46,7 @@ def build_manifest(
         "files": [vars(f) for f in sorted(files, key=lambda f: f.name)],
         "tensors": tensors,
         "units": units,
+        "structure": structure or {},
         "totals": {
             "source_bytes": source_bytes,
             "output_bytes": sum(f.bytes for f in files),

@@ -1,0 +1,133 @@
+"""Mixtures of experts end to end: every expert matrix quantized as a weight of its own, routers and
+gates kept byte for byte, the output loaded into transformers' own MoE classes, and its logits equal
+to the same model quantized in memory; layers larger than a worker's memory split into units by
+groups of experts without changing a byte of the output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import moe_models
+from pipeline.architecture import expert_modules, experts_transposed
+from pipeline.job.options import JobOptions
+from pipeline.job.plan import Unit, make_plan
+from pipeline.job.run import run_job
+from pipeline.loader import load_quantized, load_source
+from pipeline.output.layout import SIDECAR_NAME
+from pipeline.sources import open_source
+from pipeline_checks import file_bytes
+from sinq_ops import QuantConfig, SINQExperts, quantize
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+CONFIG = QuantConfig(group_size=32)
+# Routers and gates: kept exactly as in the source, whatever module holds them.
+GATES = ("mlp.gate.", "feed_forward.router.", "mlp.router.", "shared_expert_gate.", "block_sparse_moe.gate.")
+
+
+def _job(src: Path, out: Path, **settings) -> dict:
+    opts = JobOptions.from_settings({"model": str(src), "out": str(out), "group_size": CONFIG.group_size,
+                                     "workers": 2, **settings})
+    return run_job(opts, log=lambda _: None)
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def _in_memory(src: Path, leaves: list[str]) -> torch.nn.Module:
+    """The float model with each matrix the output quantized replaced, in memory, by its
+    quantize-dequantize round trip: what the output must compute."""
+    model = load_source(str(src))
+    experts = expert_modules(model)
+    with torch.no_grad():
+        for leaf in leaves:
+            param, _, number = leaf.rpartition(".")
+            if number.isdigit():
+                module_name, _, attr = param.rpartition(".")
+                stored = getattr(experts[module_name], attr)
+                transposed = experts_transposed(experts[module_name])
+                w = stored[int(number)]
+                q = quantize(w.t().contiguous() if transposed else w, **CONFIG.to_dict()).dequantize(torch.float32)
+                stored[int(number)] = q.t() if transposed else q
+            else:
+                linear = model.get_submodule(leaf)
+                linear.weight.copy_(quantize(linear.weight.detach().clone(), **CONFIG.to_dict()).dequantize(torch.float32))
+    return model
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.randint(0, moe_models.V, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("family", sorted(moe_models.configs()))
+def test_family_quantizes_loads_and_computes_the_in_memory_quantized_model(family: str, tmp_path: Path) -> None:
+    src = moe_models.save(family, tmp_path / "src")
+    manifest = _job(src, tmp_path / "out")
+    out = tmp_path / "out"
+    leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
+
+    loaded = load_quantized(str(out))
+    assert any(isinstance(m, SINQExperts) for m in loaded.modules()), "no experts module stayed quantized"
+    want = _logits(_in_memory(src, leaves))
+    got = _logits(loaded)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+    # ... and it is a quantized model, not the float one.
+    assert (got - _logits(load_source(str(src)))).abs().max() > 1e-3
+
+    source, output = _tensors(src), _tensors(out)
+    gates = [n for n in source if any(g in n for g in GATES)]
+    assert gates
+    for name in gates:  # same bytes, under the model's name for it (Mixtral's block_sparse_moe is mlp)
+        kept = output[name.replace("block_sparse_moe.", "mlp.")]
+        assert kept.dtype == source[name].dtype and torch.equal(kept, source[name]), name
+
+    # At least 95% of the parameters of attention and expert matrices are quantized.
+    kinds = {k["kind"]: k for k in manifest["structure"]["kinds"]}
+    expert_kind = next(k for k in kinds if k.endswith("Experts"))
+    matrices = [kinds[expert_kind], kinds["Linear"]]
+    quantized = sum(k["quantized_params"] for k in matrices)
+    lm_head = moe_models.V * moe_models.H
+    assert quantized / (quantized + sum(k["kept_params"] for k in matrices) - lm_head) >= 0.95
+    assert kinds[expert_kind]["quantized_matrices"] == sum(1 for leaf in leaves if leaf.rpartition(".")[2].isdigit())
+    assert all(k["quantized_params"] == 0 for name, k in kinds.items() if "Router" in name)
+
+
+def test_both_expert_layouts_give_the_same_output(tmp_path: Path) -> None:
+    per_expert = moe_models.save("qwen3_moe", tmp_path / "hub", seed=3)
+    fused = moe_models.save("qwen3_moe", tmp_path / "fused", fused=True, seed=3)
+    assert any(".experts.0.gate_proj." in n for n in _tensors(per_expert))
+    assert any(n.endswith(".experts.gate_up_proj") for n in _tensors(fused))
+    _job(per_expert, tmp_path / "a")
+    _job(fused, tmp_path / "b")
+    a, b = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b")
+    shards = [n for n in a if n.endswith(".safetensors")]
+    assert shards and all(a[n] == b[n] for n in shards)
+
+
+def test_a_small_worker_memory_splits_layers_by_experts_and_changes_no_byte(tmp_path: Path) -> None:
+    src = moe_models.save("deepseek_v3", tmp_path / "src", seed=1)
+    whole = make_plan(open_source(str(src)), CONFIG)
+    layer = next(u for u in whole.units if u.name == "model.layers.1")
+    first_group = tuple(t for t in layer.tasks if t.expert in (None, 0, 1))  # the layer's other tensors, two experts
+    budget = max([u.memory_bytes() for u in whole.units if u is not layer] + [Unit(0, "", first_group).memory_bytes()])
+    assert budget < layer.memory_bytes()
+    split = make_plan(open_source(str(src)), CONFIG, worker_memory=budget)
+    parts = [u for u in split.units if u.block == "model.layers.1"]
+    assert len(parts) >= 2 and all(u.memory_bytes() <= budget for u in parts)
+    assert sorted(t.leaf for u in parts for t in u.tasks) == sorted(t.leaf for t in layer.tasks)
+
+    _job(src, tmp_path / "whole", workers=1)
+    _job(src, tmp_path / "split", workers=2, worker_memory=budget)
+    assert file_bytes(tmp_path / "whole") == file_bytes(tmp_path / "split")
