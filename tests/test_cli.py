@@ -30,10 +30,10 @@ def test_config_file_sets_options_and_flags_win(src: Path, tmp_path: Path, capsy
     cfg.write_text(f"model: {src}\nbits: 3\ngroup-size: 32\nmax_shard_size: 1MB\nexclude: ['down_proj']\n")
     assert cli.main(["--config", str(cfg), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "sinq 3-bit, group 32" in out and "(max 0.00 GB each)" in out and "12 quantized, 11 copied" in out
+    assert "sinq 3-bit, group 32" in out and "(max 0.00 GB each)" in out and "12 matrices quantized, 11 tensors copied" in out
     assert cli.main(["--config", str(cfg), "--bits", "2", "--exclude", "nothing", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "sinq 2-bit, group 32" in out and "14 quantized, 9 copied" in out
+    assert "sinq 2-bit, group 32" in out and "14 matrices quantized, 9 tensors copied" in out
 
 
 def test_toml_config_and_unknown_keys(src: Path, tmp_path: Path, capsys) -> None:

@@ -19,8 +19,9 @@ ALLOWED = {
     "pipeline.sources": ("pipeline.io", "pipeline.sources"),
     "pipeline.output": ("pipeline.io", "pipeline.output", "sinq_ops"),
     "pipeline.architecture": (),
-    "pipeline.job": ("pipeline.io", "pipeline.sources", "pipeline.output", "pipeline.architecture", "pipeline.job",
-                     "sinq_ops"),
+    "pipeline.conversion": (),
+    "pipeline.job": ("pipeline.io", "pipeline.sources", "pipeline.output", "pipeline.architecture",
+                     "pipeline.conversion", "pipeline.job", "sinq_ops"),
     "pipeline": ("pipeline", "sinq_ops"),
     "jobs": ("jobs", "pipeline", "sinq_ops"),
 }

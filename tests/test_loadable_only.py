@@ -1,7 +1,7 @@
-"""A job commits only what loads and computes what the source does: checkpoints whose tensors the
-model's Linear layers do not hold (routers, fused experts, Conv1D weights), that hold tensors the
-model has no place for, miss a parameter, or are themselves quantized are refused before any work,
-in one line, with nothing written."""
+"""A job commits only what loads and computes what the source does: checkpoints that hold tensors the
+model has no place for or of the wrong shape, miss a parameter or an expert, hold nothing the model
+computes as a Linear or an expert (Conv1D weights), or are themselves quantized are refused before
+any work, in one line, with nothing written."""
 
 from __future__ import annotations
 
@@ -41,21 +41,41 @@ def _refused(src: Path, out: Path, capsys, *pieces: str) -> str:
     return err
 
 
-def test_a_mixture_of_experts_router_or_expert_is_never_quantized_silently(tmp_path: Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, num_experts=4,
                          num_experts_per_tok=2, head_dim=32)
-    src = _saved(Qwen3MoeForCausalLM(cfg), tmp_path / "moe")
-    _refused(src, tmp_path / "out", capsys, "model.layers.0.mlp.experts.0.", "Qwen3MoeForCausalLM",
+    return _saved(Qwen3MoeForCausalLM(cfg), tmp_path_factory.mktemp("moe") / "m")
+
+
+def test_a_mixture_of_experts_missing_an_expert_is_refused(moe: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(moe, src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.0.mlp.experts.2.up_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    _refused(src, tmp_path / "out", capsys, "no tensor for expert 2 of model.layers.0.mlp.experts.gate_up_proj",
              "would not load")
+
+
+def test_a_tensor_of_the_wrong_shape_is_refused(moe: Path, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(moe, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.1.down_proj.weight"] = torch.zeros(64, 32)
+    tensors["model.layers.0.mlp.gate.weight"] = torch.zeros(4, 32)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    _refused(src, tmp_path / "out", capsys, "'model.layers.0.mlp.experts.1.down_proj.weight' of shape [64, 32]",
+             "does not fit expert 1 of model.layers.0.mlp.experts.down_proj [4, 64, 64]")
 
 
 def test_conv1d_weights_are_not_quantized_as_if_they_were_linear(tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
     src = _saved(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2, n_positions=64)),
                  tmp_path / "gpt2")
-    _refused(src, tmp_path / "out", capsys, "transformer.h.0.", "not the weight of a Linear layer of GPT2LMHeadModel")
+    _refused(src, tmp_path / "out", capsys, "no tensor to quantize", "no Linear or expert weights")
 
 
 def test_a_tensor_without_a_place_in_the_model_is_refused(llama: Path, tmp_path: Path, capsys) -> None:

@@ -64,7 +64,7 @@ def test_dry_run_plans_without_writing(checkpoint: Path, tmp_path: Path, capsys)
     lines: list[str] = []
     run_job(_opts(checkpoint, tmp_path / "never", dry_run=True), log=lines.append)
     text = "\n".join(lines)
-    assert "model.layers.2" in text and "21 quantized" in text and "worker memory" in text and "GB GPU" in text
+    assert "model.layers.2" in text and "21 matrices quantized" in text and "worker memory" in text and "GB GPU" in text
     assert not (tmp_path / "never").exists()
 
 

@@ -27,11 +27,11 @@ def test_llama_70b_plans_at_full_scale_without_generating_data() -> None:
     assert len(plan.quantized) == 80 * 7
     assert 140e9 < plan.in_bytes < 142e9  # 70.6B parameters in bf16
     layer = next(u for u in plan.units if u.name == "model.layers.0")
-    assert {t.info.shape for t in layer.tasks if t.quantize} == {(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)}
+    assert {t.shape for t in layer.tasks if t.quantize} == {(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)}
     assert 4 * (plan.gpu_memory_bytes() + 0.5e9) < 24e9  # four GPU workers, CUDA contexts included, fit a 24 GB card
     # The benches' per-layer table (grouped shapes) describes the same layer the source generates.
     matrices = decoder_matrices("llama-70b")
-    assert sorted(t.info.shape for t in layer.tasks if t.quantize) == sorted(
+    assert sorted(t.shape for t in layer.tasks if t.quantize) == sorted(
         (n, k) for _, n, k, count in matrices for _ in range(count))
     assert [name for name, *_ in matrices] == ["q/o_proj", "k/v_proj", "gate/up_proj", "down_proj"]
 
