@@ -16,7 +16,7 @@ ALLOWED = {
     "sinq_ops": ("sinq_ops",),
     "pipeline.io": ("pipeline.io",),
     "pipeline.sources.base": ("pipeline.io",),
-    "pipeline.sources": ("pipeline.io", "pipeline.sources"),
+    "pipeline.sources": ("pipeline.io", "pipeline.sources", "pipeline.architecture"),
     "pipeline.output": ("pipeline.io", "pipeline.output", "sinq_ops"),
     "pipeline.architecture": (),
     "pipeline.conversion": (),

@@ -36,6 +36,29 @@ def test_llama_70b_plans_at_full_scale_without_generating_data() -> None:
     assert [name for name, *_ in matrices] == ["q/o_proj", "k/v_proj", "gate/up_proj", "down_proj"]
 
 
+def test_full_size_mixtures_of_experts_plan_in_units_that_fit_a_worker() -> None:
+    deepseek = make_plan(open_source("synthetic://deepseek-v3"), QuantConfig())
+    assert 1.33e12 < deepseek.in_bytes < 1.35e12  # 671B parameters in bf16 (the router in float32)
+    assert deepseek.worker_memory == 12 * 10**9
+    layer = [u for u in deepseek.units if u.block == "model.layers.10"]
+    assert len(layer) == 3 and all(u.memory_bytes() <= deepseek.worker_memory for u in layer)
+    assert max(u.memory_bytes() for u in deepseek.units) <= deepseek.worker_memory
+    experts = [t for u in layer for t in u.tasks if t.expert is not None]
+    assert len(experts) == 256 * 2 and {t.shape for t in experts} == {(4096, 7168), (7168, 2048)}
+    assert {t.leaf for t in experts} == {f"model.layers.10.mlp.experts.{p}.{e}" for e in range(256)
+                                        for p in ("gate_up_proj", "down_proj")}
+    kept = {t.name: t.dtype for u in layer for t in u.tasks if not t.quantize}
+    assert kept["model.layers.10.mlp.gate.weight"] == "F32" and "model.layers.10.mlp.gate.e_score_correction_bias" in kept
+    assert deepseek.quantized_share > 0.99
+
+    qwen = make_plan(open_source("synthetic://qwen3-235b-a22b"), QuantConfig())
+    assert 4.6e11 < qwen.in_bytes < 4.8e11 and sum(u.block.startswith("model.layers.") for u in qwen.units) == 94
+    assert len(qwen.quantized) == 94 * (4 + 2 * 128)
+    small = open_source("synthetic://qwen3-30b-a3b?layers=2")
+    name = "model.layers.1.mlp.experts.127.down_proj.weight"
+    assert small.header("layer-00001")[name].shape == (2048, 768)
+
+
 def test_tiny_synthetic_job_is_deterministic_and_quantizes_the_generated_weights(tmp_path: Path) -> None:
     spec = "synthetic://tiny?layers=3&seed=7&dtype=bf16"
     m1 = run_job(JobOptions(model=spec, out=str(tmp_path / "a"), workers=2, max_shard_size=300_000), log=lambda _: None)

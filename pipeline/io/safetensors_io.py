@@ -43,7 +43,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
 
 class _DuplicateKey(Exception):
@@ -147,13 +147,13 @@ class PlannedTensor:
         numel = 1
         for d in self.shape:
             numel *= d
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+        return numel * self.dtype.itemsize
 
 
 def aligned_order(tensors: Iterable[PlannedTensor]) -> list[PlannedTensor]:
     """Largest item size first, otherwise in the given order: every tensor lands aligned."""
     items = list(tensors)
-    return sorted(items, key=lambda t: -torch.empty((), dtype=t.dtype).element_size())
+    return sorted(items, key=lambda t: -t.dtype.itemsize)
 
 
 def header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:

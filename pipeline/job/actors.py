@@ -7,6 +7,7 @@ unit; Ray restarts a worker that dies and retries the unit it held.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 
 import ray
@@ -35,6 +36,8 @@ class QuantizeWorker:
     def process(self, unit: Unit) -> UnitResult:
         result = process_unit(self.source, unit, self.config, self.staging, self.device)
         result.worker = self.where
+        # The process's high-water mark so far (Linux reports KiB): what the plan's memory bound is checked against.
+        result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return result
 
 

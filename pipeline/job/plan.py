@@ -104,8 +104,15 @@ class Unit:
 
 
 def _memory(tasks: tuple[TensorTask, ...] | list[TensorTask], gpu: bool = False) -> int:
-    largest = max((t.numel for t in tasks if t.quantize), default=0)
-    held = sum(t.nbytes + sum(o.nbytes for o in t.outputs) for t in tasks)
+    return _peak(_held(tasks), max((t.numel for t in tasks if t.quantize), default=0), gpu)
+
+
+def _held(tasks: tuple[TensorTask, ...] | list[TensorTask]) -> int:
+    return sum(t.nbytes + sum(o.nbytes for o in t.outputs) for t in tasks)
+
+
+def _peak(held: int, largest: int, gpu: bool = False) -> int:
+    """A unit's tensors held at once, plus a CPU worker's working copies of its largest weight."""
     return held + (0 if gpu else CPU_WORK_PER_ELEMENT * largest)
 
 
@@ -434,8 +441,8 @@ def _layer_key(block: str) -> tuple[str, int]:
 
 
 def _split(source: Source, block: str, tasks: list[TensorTask], budget: int) -> list[list[TensorTask]]:
-    """A layer's tasks as one unit, or, when that exceeds ``budget``, as consecutive groups of
-    experts (the layer's other tensors with the first group)."""
+    """A layer's tasks as one unit, or, when that exceeds ``budget``, as its other tensors followed by
+    consecutive groups of experts, each group as large as fits (the first shared with the others)."""
     if _memory(tasks) <= budget:
         return [tasks]
     rest = [t for t in tasks if t.expert is None]
@@ -444,15 +451,21 @@ def _split(source: Source, block: str, tasks: list[TensorTask], budget: int) -> 
         if t.expert is not None:
             experts.setdefault(t.expert, []).append(t)
     groups: list[list[TensorTask]] = [rest]
+    held, largest = [_held(rest)], [max((t.numel for t in rest if t.quantize), default=0)]
     for e in sorted(experts):
-        if _memory(groups[-1] + experts[e]) > budget and any(t.expert is not None for t in groups[-1]):
+        more, size = _held(experts[e]), max(t.numel for t in experts[e])
+        if _peak(held[-1] + more, max(largest[-1], size)) > budget and groups[-1]:
             groups.append([])
+            held.append(0)
+            largest.append(0)
         groups[-1].extend(experts[e])
-    for g in groups:
-        if _memory(g) > budget:
-            what = f"expert {g[-1].expert}" if len(g) and g[-1].expert is not None and all(
-                t.expert == g[-1].expert for t in g) else "its tensors other than experts"
-            raise PlanError(f"{source.spec}: {block} needs {_gb(_memory(g))} of worker memory for {what}, "
+        held[-1] += more
+        largest[-1] = max(largest[-1], size)
+    for g, h, big in zip(groups, held, largest):
+        if _peak(h, big) > budget:
+            what = (f"expert {g[-1].expert}" if g and all(t.expert == g[-1].expert for t in g)
+                    else "its tensors other than experts")
+            raise PlanError(f"{source.spec}: {block} needs {_gb(_peak(h, big))} of worker memory for {what}, "
                             f"more than --worker-memory {_gb(budget)}; raise --worker-memory")
     return [g for g in groups if g]
 

@@ -97,7 +97,8 @@ class Assembler:
         sidecar = {leaf: {"meta": dict(sorted(meta.items()))}
                    for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
         self._put_json(SIDECAR_NAME, sidecar)
-        self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(plan.config, plan.not_converted)})
+        self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(
+            plan.config, plan.not_converted, quantized_experts=any(t.expert is not None for t in plan.quantized))})
         for asset in plan.assets:
             self._put(asset, plan.source.read_bytes(asset))
         units = [self.results[u.index] for u in plan.units]
@@ -108,8 +109,8 @@ class Assembler:
                 quantization={**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
                 files=self.files,
                 tensors=[vars(s) for u in units for s in u.stats],
-                units=[{"name": u.name, "worker": u.worker, "seconds": round(u.read_s + u.quantize_s + u.write_s, 3)}
-                       for u in units],
+                units=[{"name": u.name, "worker": u.worker, "seconds": round(u.read_s + u.quantize_s + u.write_s, 3),
+                        "peak_rss_bytes": u.peak_rss} for u in units],
                 source_bytes=plan.in_bytes, tensor_bytes=plan.out_bytes, shards=len(plan.shards),
                 tensors_copied=sum(len(u.tasks) for u in plan.units) - len(plan.quantized),
                 timings={**run_info, "read_s": sum(u.read_s for u in units), "quantize_s": sum(u.quantize_s for u in units),

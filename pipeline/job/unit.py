@@ -51,6 +51,7 @@ class UnitResult:
     quantize_s: float
     write_s: float
     worker: str = ""
+    peak_rss: int = 0  # the worker process's peak resident memory after this unit, in bytes
     reused: bool = False  # staged by an earlier run of the same job and verified, not quantized again
 
     def to_json(self) -> str:

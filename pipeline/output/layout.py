@@ -52,7 +52,7 @@ def loads_with_from_pretrained(method: str, tiling: str) -> bool:
     return not (method == "nf4" and tiling == "1D")
 
 
-def quantization_config(config: QuantConfig, not_converted: list[str]) -> dict:
+def quantization_config(config: QuantConfig, not_converted: list[str], *, quantized_experts: bool = False) -> dict:
     """The ``quantization_config`` block transformers reads (``SinqConfig`` keys) plus ours.
 
     ``method`` is always ``"sinq"``: transformers' ``SinqConfig`` accepts only ``"sinq"`` and
@@ -62,9 +62,11 @@ def quantization_config(config: QuantConfig, not_converted: list[str]) -> dict:
     ``from_pretrained`` and compute what ``pipeline.loader`` does. The job's own method is
     ``sinq_method``.
 
-    An output that plain ``from_pretrained`` would run wrongly (``loads_with_from_pretrained``)
-    gets a block without ``quant_method``: the hook then leaves it alone, and transformers refuses
-    it ("no `quant_method` attribute") instead of loading it as an unquantized model.
+    An output that plain ``from_pretrained`` would run wrongly (``loads_with_from_pretrained``),
+    or could not build (``quantized_experts``: the reference loader knows Linear layers only, not
+    transformers 5's experts modules, which ``pipeline.loader`` fills from one quantized matrix per
+    expert), gets a block without ``quant_method``: the hook then leaves it alone, and transformers
+    refuses it ("no `quant_method` attribute") instead of loading it as an unquantized model.
     """
     block = {
         "quant_method": "sinq",
@@ -76,11 +78,16 @@ def quantization_config(config: QuantConfig, not_converted: list[str]) -> dict:
         "modules_to_not_convert": not_converted,
         "aux": config.aux,
     }
-    if loads_with_from_pretrained(config.method, config.tiling):
+    if quantized_experts:
+        why = ("its experts modules hold one quantized matrix per expert, which only pipeline.loader.load_quantized "
+               "builds")
+    elif not loads_with_from_pretrained(config.method, config.tiling):
+        why = ("transformers' from_pretrained (with the sinq package's hook) would run these NF4 layers through "
+               "GemLite on CUDA as uniform codes")
+    else:
         return block
     return {
         **{k: v for k, v in block.items() if k not in ("quant_method", "method")},
         "loader": "pipeline.loader.load_quantized",
-        "note": "no quant_method on purpose: transformers' from_pretrained (with the sinq package's hook) would "
-                "run these NF4 layers through GemLite on CUDA as uniform codes; load with pipeline.loader.load_quantized",
+        "note": f"no quant_method on purpose: {why}; load with pipeline.loader.load_quantized",
     }

@@ -3,6 +3,12 @@
 Each tensor is made where it is read (on the worker) from the seed and its name, with the
 row/column structure of LLM weights, so a full 70B-shaped job runs through the whole
 pipeline on any machine without 140 GB of disk. The same spec always gives the same bytes.
+
+Dense models are Llama-shaped (``SHAPES``). Mixtures of experts (``MOE_CONFIGS``: Qwen3-235B-A22B,
+Qwen3-30B-A3B, DeepSeek-V3) carry the real config.json and so the real layer shapes, in the Hub's
+layout (one tensor per expert and projection, DeepSeek's router in float32), as transformers
+would save the model: its tensor names come from the model built on the meta device and
+transformers' own reverse conversion, never from a hand-written list.
 """
 
 from __future__ import annotations
@@ -58,6 +64,29 @@ SHAPES = {
     "qwen3-32b": (5120, 25600, 64, 8, 151936, 64),
     "tiny": (256, 512, 4, 2, 512, 4),
 }
+# name -> config.json of a mixture of experts at full size (rope scaling left at its default).
+_QWEN3_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 128,
+              "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "vocab_size": 151936,
+              "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+              "tie_word_embeddings": False, "hidden_act": "silu", "num_experts": 128, "num_experts_per_tok": 8}
+MOE_CONFIGS = {
+    "qwen3-235b-a22b": {**_QWEN3_MOE, "hidden_size": 4096, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+                        "num_hidden_layers": 94, "num_attention_heads": 64, "num_key_value_heads": 4},
+    "qwen3-30b-a3b": {**_QWEN3_MOE, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+                      "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4},
+    "deepseek-v3": {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "first_k_dense_replace": 3, "q_lora_rank": 1536,
+        "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+        "vocab_size": 129280, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "tie_word_embeddings": False, "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+}
+# Layers a template model is built with: enough for every kind of layer (DeepSeek-V3's dense first three).
+_TEMPLATE_LAYERS = 4
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _POOL = 1 << 24
 _BLOCK_ELEMENTS = 1 << 20
@@ -71,8 +100,10 @@ class SyntheticSource(Source):
     dtype: torch.dtype = torch.bfloat16
 
     def _config(self) -> dict:
-        hidden, inter, heads, kv, vocab, _ = SHAPES[self.shape_name]
         dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(self.dtype, "float32")
+        if self.shape_name in MOE_CONFIGS:
+            return {**MOE_CONFIGS[self.shape_name], "num_hidden_layers": self.layers, "torch_dtype": dtype}
+        hidden, inter, heads, kv, vocab, _ = SHAPES[self.shape_name]
         return llama_config(self.layers, hidden, inter, vocab, heads, kv, max_position_embeddings=8192,
                             rope_theta=500000.0, torch_dtype=dtype)
 
@@ -90,21 +121,24 @@ class SyntheticSource(Source):
     def weight_files(self) -> list[str]:
         return ["embeddings", *(f"layer-{i:05d}" for i in range(self.layers)), "head"]
 
-    def _shapes(self, file: str) -> dict[str, tuple[int, ...]]:
+    def _shapes(self, file: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if self.shape_name in MOE_CONFIGS:
+            return _moe_shapes(self.shape_name, self.dtype, file)
         cfg = self._config()
         hidden, vocab = cfg["hidden_size"], cfg["vocab_size"]
         if file == "embeddings":
-            return {"model.embed_tokens.weight": (vocab, hidden)}
-        if file == "head":
-            return {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-        return llama_layer_shapes(cfg, int(file.split("-")[1]))
+            shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+        elif file == "head":
+            shapes = {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+        else:
+            shapes = llama_layer_shapes(cfg, int(file.split("-")[1]))
+        return {name: (shape, self.dtype) for name, shape in shapes.items()}
 
     def header(self, name: str) -> dict[str, TensorInfo]:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
         out, pos = {}, 0
-        for tname, shape in self._shapes(name).items():
-            nbytes = math.prod(shape) * itemsize
-            out[tname] = TensorInfo(tname, DTYPE_NAMES[self.dtype], shape, pos, nbytes)
+        for tname, (shape, dtype) in self._shapes(name).items():
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            out[tname] = TensorInfo(tname, DTYPE_NAMES[dtype], shape, pos, nbytes)
             pos += nbytes
         return out
 
@@ -125,6 +159,33 @@ class SyntheticSource(Source):
             torch.index_select(windows, 0, starts[r0:r0 + len(b)], out=b)
             out[r0:r0 + len(b)] = b.mul_(row_scale[r0:r0 + len(b)]).mul_(col_scale)
         return out
+
+
+@functools.lru_cache(maxsize=8)
+def _moe_template(shape_name: str, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor of a few-layer model of ``shape_name`` in the Hub's layout: the model built on the
+    meta device, its state reverted to the saved format by transformers itself."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from ..architecture import empty_model
+
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+    model = empty_model({**MOE_CONFIGS[shape_name], "num_hidden_layers": _TEMPLATE_LAYERS, "torch_dtype": name})
+    saved = revert_weight_conversion(model, model.state_dict())
+    return {k: (tuple(v.shape), v.dtype) for k, v in saved.items()}
+
+
+def _moe_shapes(shape_name: str, dtype: torch.dtype, file: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """One synthetic file's tensors: the embeddings, one decoder layer (the template's layer of that
+    kind, renumbered), or the final norm and head."""
+    template = _moe_template(shape_name, dtype)
+    if file in ("embeddings", "head"):
+        return {k: v for k, v in sorted(template.items())
+                if ".layers." not in k and (("embed" in k) == (file == "embeddings"))}
+    layer = int(file.split("-")[1])
+    source = min(layer, _TEMPLATE_LAYERS - 1)
+    prefix = f"model.layers.{source}."
+    return {f"model.layers.{layer}.{k[len(prefix):]}": v for k, v in sorted(template.items()) if k.startswith(prefix)}
 
 
 def decoder_matrices(shape_name: str) -> list[tuple[str, int, int, int]]:
@@ -163,14 +224,15 @@ def _normal_pool(seed: int, size: int) -> torch.Tensor:
 def open_synthetic(spec: str) -> SyntheticSource:
     url = urlparse(spec)
     name = url.netloc or url.path.lstrip("/")
-    if name not in SHAPES:
-        raise SourceError(f"{spec}: unknown synthetic model {name!r}; choose one of {', '.join(SHAPES)}")
+    known = {**{n: s[5] for n, s in SHAPES.items()}, **{n: c["num_hidden_layers"] for n, c in MOE_CONFIGS.items()}}
+    if name not in known:
+        raise SourceError(f"{spec}: unknown synthetic model {name!r}; choose one of {', '.join(known)}")
     query = {k: v[-1] for k, v in parse_qs(url.query).items()}
     unknown = set(query) - {"layers", "seed", "dtype"}
     if unknown:
         raise SourceError(f"{spec}: unknown parameter {sorted(unknown)[0]!r} (layers, seed, dtype)")
     try:
-        layers = int(query.get("layers", SHAPES[name][5]))
+        layers = int(query.get("layers", known[name]))
         seed = int(query.get("seed", 0))
         dtype = _DTYPES[query.get("dtype", "bf16")]
     except (ValueError, KeyError):
