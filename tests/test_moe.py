@@ -102,6 +102,22 @@ def test_family_quantizes_loads_and_computes_the_in_memory_quantized_model(famil
     assert quantized / (quantized + sum(k["kept_params"] for k in matrices) - lm_head) >= 0.95
     assert kinds[expert_kind]["quantized_matrices"] == sum(1 for leaf in leaves if leaf.rpartition(".")[2].isdigit())
     assert all(k["quantized_params"] == 0 for name, k in kinds.items() if "Router" in name)
+    # Plain from_pretrained cannot build quantized experts: it is refused, and the card says what loads it.
+    assert "quant_method" not in json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "SINQExperts" in (out / "README.md").read_text()
+
+
+def test_dry_run_shows_per_kind_of_module_what_is_quantized_and_kept(tmp_path: Path, capsys) -> None:
+    from jobs import quantize as cli
+
+    src = moe_models.save("qwen3_next", tmp_path / "src")
+    capsys.readouterr()
+    assert cli.main(["--model", str(src), "--group-size", "32", "--dry-run"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["Qwen3NextExperts"][:1] == ["16"]  # 2 layers x 4 experts x (gate_up, down)
+    assert rows["Qwen3NextTopKRouter"][:2] == ["0", "0"] and rows["Qwen3NextGatedDeltaNet"][:2] == ["0", "0"]
+    assert rows["Linear"][2] == "3"  # lm_head and the two shared_expert_gate weights, kept
+    assert "% of all parameters quantized" in " ".join(rows["tensors"])
 
 
 def test_both_expert_layouts_give_the_same_output(tmp_path: Path) -> None:

@@ -165,7 +165,8 @@ class Plan:
 
     def structure(self) -> dict:
         """The per-kind summary as the manifest records it."""
-        return {"kinds": [vars(k) for k in self.kinds], "quantized_share": round(self.quantized_share, 6)}
+        return {"kinds": [vars(k) for k in self.kinds], "quantized_share": round(self.quantized_share, 6),
+                "expert_matrices_quantized": sum(1 for t in self.quantized if t.expert is not None)}
 
     def worker_memory_bytes(self, gpu: bool = False) -> int:
         """Peak host memory of one worker: the largest of its units' (``Unit.memory_bytes``)."""

@@ -98,7 +98,7 @@ class Assembler:
                    for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
         self._put_json(SIDECAR_NAME, sidecar)
         self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(
-            plan.config, plan.not_converted, quantized_experts=any(t.expert is not None for t in plan.quantized))})
+            plan.config, plan.not_converted, quantized_experts=plan.structure()["expert_matrices_quantized"] > 0)})
         for asset in plan.assets:
             self._put(asset, plan.source.read_bytes(asset))
         units = [self.results[u.index] for u in plan.units]

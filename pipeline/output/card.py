@@ -127,19 +127,28 @@ def _text_name(evaluation: dict) -> str:
     return str(evaluation["text"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
 
 
+def _plain_transformers(manifest: dict) -> tuple[bool, int]:
+    """Whether plain ``from_pretrained`` (with the sinq hook) loads the output, and how many expert
+    matrices it holds (which only this tool's loader builds)."""
+    q = manifest["quantization"]
+    experts = manifest.get("structure", {}).get("expert_matrices_quantized", 0)
+    return loads_with_from_pretrained(q["method"], q["tiling"]) and not experts, experts
+
+
 def render_card(manifest: dict, *, licence: dict | None = None, evaluation: dict | None = None) -> str:
     """The README.md of the output ``manifest`` describes (``files`` may still lack the card)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     q = manifest["quantization"]
     method = q["method"]
+    plain, _ = _plain_transformers(manifest)
     name, where = _public_source(manifest["source"])
     model_name = _model_name(manifest)
     tool = manifest["tool"]
     data = ModelCardData(
         base_model=manifest["source"].get("repo_id") or None,
         # Where plain from_pretrained would run it wrongly, this tool's loader is the library that reads it.
-        library_name="transformers" if loads_with_from_pretrained(method, q["tiling"]) else tool["name"],
+        library_name="transformers" if plain else tool["name"],
         pipeline_tag="text-generation",
         tags=sorted({"sinq", "quantized", f"{q['bits']}-bit", method, tool["name"]}),
         model_name=model_name,
@@ -161,8 +170,9 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
         "",
         f"{q['bits']}-bit weight quantization of {where}: {METHODS.get(method, method)}, groups of "
         f"{q['group_size']} ({q['tiling']} tiling), group scales and zeros stored as {q['aux']}. "
-        f"Made with {tool['name']} {tool['version']}, which quantizes every 2-D weight inside the decoder "
-        "layers and copies embeddings, norms, `lm_head` and biases unchanged.",
+        f"Made with {tool['name']} {tool['version']}, which quantizes the weight of every Linear layer "
+        "and every expert matrix inside the decoder layers and copies routers and gates, embeddings, norms, "
+        "`lm_head` and biases unchanged.",
         "",
         "| | |",
         "|---|---|",
@@ -215,7 +225,8 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
         "```",
         "",
     ]
-    if loads_with_from_pretrained(method, q["tiling"]):
+    plain, experts = _plain_transformers(manifest)
+    if plain:
         lines += [
             "With plain transformers, where the `sinq` package is installed with its import hook active "
             "(`SINQ_AUTO_PATCH` unset or 1), from a local directory:",
@@ -230,6 +241,16 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
             f"(`{method}`). Transformers' own SINQ support, without the hook, does not read this layout and fails "
             "instead (`model was not quantized` at the first forward pass). Under `HF_HUB_OFFLINE=1` the hook "
             "does not resolve a Hub repo id; download the repo and pass its directory.",
+            "",
+        ]
+    elif experts:
+        lines += [
+            "**This output does not load through plain transformers `from_pretrained`**, with or without the `sinq` "
+            "package's import hook, and `config.json`'s `quantization_config` has no `quant_method` so that "
+            f"transformers refuses it rather than load it wrongly. Its {experts} expert matrices are quantized one "
+            "per expert (`<experts parameter>.<expert>.W_q`, ...), which the `sinq` package's loader, knowing Linear "
+            "layers only, cannot build. Load it with `pipeline.loader.load_quantized` as above: it fills "
+            "transformers' own experts modules with `sinq_ops.SINQExperts`.",
             "",
         ]
     else:
