@@ -21,6 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Token authentication, as a stock cluster runs; Ray reads these when it is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", os.urandom(32).hex())
+os.environ["SINQ_AUTO_PATCH"] = "0"
 
 import ray  # noqa: E402
 
@@ -57,9 +61,6 @@ def main() -> None:
     ap.add_argument("--split-memory", type=parse_size, default=parse_size("1.2GB"))
     args = ap.parse_args()
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", os.urandom(32).hex())
-    os.environ["SINQ_AUTO_PATCH"] = "0"
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False)
     work = Path(tempfile.mkdtemp(prefix="sinq-bench-moe-"))
     moe = f"synthetic://qwen3-30b-a3b?layers={args.moe_layers}"

@@ -1,7 +1,7 @@
 """The model a config.json describes, built by transformers on the meta device.
 
 What is quantized follows from this model's structure, never from tensor names: the weight of
-every ``torch.nn.Linear`` and every matrix of an experts module (a module holding 3-D parameters,
+every ``torch.nn.Linear`` (and of GPT-2's ``Conv1D``, quantized as its [out, in] transpose) and every matrix of an experts module (a module holding 3-D parameters,
 one matrix per expert) is a candidate; a Linear that sits directly in a mixture-of-experts block
 beside its experts computes a routing or gating signal (``shared_expert_gate``) and is kept, as
 are routers (their own module classes), embeddings, norms and every other parameter.
@@ -68,6 +68,7 @@ class ModelLayout:
     class_name: str
     linear_weights: dict[str, tuple[int, ...]]  # weight of every quantizable nn.Linear -> [out, in]
     linear_modules: frozenset[str]  # every module that is a Linear, of any subclass (lm_head, Llama 4's router)
+    conv1d_weights: dict[str, tuple[int, int]]  # weight of every GPT-2-style Conv1D -> as stored, [in, out]
     expert_weights: dict[str, ExpertWeights]  # every 3-D parameter of an experts module
     places: frozenset[str]  # every parameter and buffer name, shared (tied) ones under each name
     parameter_groups: tuple[tuple[str, ...], ...]  # the names of each parameter, tied ones together
@@ -75,6 +76,11 @@ class ModelLayout:
     kinds: dict[str, str]  # parameter or buffer name -> class name of the module that holds it
     shapes: dict[str, tuple[int, ...]]  # parameter or buffer name -> shape
     model: nn.Module = field(repr=False, compare=False)  # on the meta device
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a Linear that stores its weight [in, out] and computes ``x @ W + b``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def experts_transposed(module: nn.Module) -> bool:
@@ -141,7 +147,8 @@ def model_layout(model_config: dict) -> ModelLayout:
     buffers = {name: b.detach().cpu().contiguous() for name, b in model.named_buffers() if b is not None}
     places = frozenset(n for names in groups.values() for n in names) | frozenset(buffers)
     linear_modules = frozenset(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
-    return ModelLayout(type(model).__name__, linear, linear_modules, experts, places, tuple(tuple(g) for g in groups.values()),
+    conv1d = {f"{name}.weight": tuple(m.weight.shape) for name, m in model.named_modules() if is_conv1d(m)}
+    return ModelLayout(type(model).__name__, linear, linear_modules, conv1d, experts, places, tuple(tuple(g) for g in groups.values()),
                        buffers, kinds, shapes, model)
 
 

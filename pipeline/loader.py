@@ -20,6 +20,8 @@ from sinq_ops import QuantizedWeight, SINQExperts, SINQLinear
 
 from .architecture import empty_model, expert_modules, experts_transposed
 from .conversion import Converter
+from .job.formats import pair_scales, source_format
+from sinq_ops.formats import dequantize_fp8
 from .io.hf_names import INDEX_NAME
 from .io.storage import Location, StorageOptions
 from .output.layout import SIDECAR_NAME
@@ -119,34 +121,41 @@ def load_source(
     source: str | Source, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     storage: StorageOptions | None = None,
 ) -> nn.Module:
-    """The float ``AutoModelForCausalLM`` of a source checkpoint, in ``dtype``.
+    """The float ``AutoModelForCausalLM`` of a source checkpoint, in ``dtype``; FP8 weights as the
+    float values they encode, per-expert tensors stacked as the model holds them.
 
     ``source`` is a spec for ``open_source`` (local directory, ``s3://...``, ``org/name[@revision]``)
     or an already resolved ``Source``. Tensors are read one at a time, by byte range from a
     directory or object storage; a Hub repo's files come through the huggingface_hub cache.
     """
     src = source if isinstance(source, Source) else open_source(source, storage)
-    model = empty_model(src.read_json("config.json"))
+    config = src.read_json("config.json")
+    model = empty_model(config)
     shapes = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     converter = Converter(model, frozenset(shapes))
     stacks: dict[str, torch.Tensor] = {}
     filled: dict[str, set[tuple[int, int]]] = {}
     parts: dict[str, int] = {}
-    for file in src.weight_files():
-        for name, info in src.header(file).items():
-            target = converter.target(name)
-            tensor = src.read_tensor(file, info)
-            if target.expert is None:
-                _set_tensor(model, target.name, tensor, dtype)
-                continue
-            if target.name not in shapes:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the {type(model).__name__} built from "
-                                 "config.json")
-            stack = stacks.setdefault(target.name, torch.empty(shapes[target.name].shape, dtype=dtype))
-            rows = stack.shape[1] // target.parts
-            stack[target.expert, target.part * rows:(target.part + 1) * rows] = tensor
-            filled.setdefault(target.name, set()).add((target.expert, target.part))
-            parts[target.name] = target.parts
+    fmt = source_format(f"{src.spec}/config.json", config)
+    inventory = {name: (file, info) for file in src.weight_files() for name, info in src.header(file).items()}
+    tensors, scales = pair_scales(src.spec, fmt, inventory)
+    for name, (file, info) in tensors.items():
+        target = converter.target(name)
+        tensor = src.read_tensor(file, info)
+        if name in scales:  # FP8: the float weight it encodes
+            sfile, sinfo = scales[name]
+            tensor = dequantize_fp8(tensor, src.read_tensor(sfile, sinfo), fmt.block)
+        if target.expert is None:
+            _set_tensor(model, target.name, tensor, dtype)
+            continue
+        if target.name not in shapes:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the {type(model).__name__} built from "
+                             "config.json")
+        stack = stacks.setdefault(target.name, torch.empty(shapes[target.name].shape, dtype=dtype))
+        rows = stack.shape[1] // target.parts
+        stack[target.expert, target.part * rows:(target.part + 1) * rows] = tensor
+        filled.setdefault(target.name, set()).add((target.expert, target.part))
+        parts[target.name] = target.parts
     for name, stack in stacks.items():
         if len(filled[name]) != stack.shape[0] * parts[name]:
             raise IncompleteOutput(f"{src.spec}: not every expert of {name} has its tensors")

@@ -101,6 +101,6 @@ def test_an_already_quantized_source_is_refused_naming_its_format(llama: Path, t
     src = tmp_path / "src"
     shutil.copytree(llama, src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (src / "config.json").write_text(json.dumps(cfg))
-    _refused(src, tmp_path / "out", capsys, "config.json", "already quantized (fp8)")
+    _refused(src, tmp_path / "out", capsys, "config.json", "already quantized (gptq)")

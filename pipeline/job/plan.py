@@ -17,6 +17,7 @@ from ..conversion import ConversionError, Converter
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import shard_names
 from ..sources import Source
+from .formats import FormatError, SourceFormat, pair_scales, source_format
 
 # A decoder layer: "model.layers.12.", "model.language_model.layers.3.", "transformer.h.7.", ...
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.(\d+))\.")
@@ -37,6 +38,9 @@ class Piece:
 
     file: str
     info: TensorInfo
+    scale: TensorInfo | None = None  # an FP8 weight's scale_inv (dequantized on the worker before anything else)
+    scale_file: str = ""
+    block: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,9 @@ class TensorTask:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.info.nbytes for p in self.pieces) if self.pieces else len(self.data or b"")
+        if not self.pieces:
+            return len(self.data or b"")
+        return sum(p.info.nbytes + (p.scale.nbytes if p.scale is not None else 0) for p in self.pieces)
 
     @property
     def numel(self) -> int:
@@ -139,6 +145,7 @@ class Plan:
     max_shard_size: int
     worker_memory: int = DEFAULT_WORKER_MEMORY
     kinds: list[KindSummary] = field(default_factory=list)
+    source_format: SourceFormat = field(default_factory=SourceFormat)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -183,7 +190,8 @@ class Plan:
         cfg = self.config
         layers = {u.block for u in self.units if LAYER_PATTERN.match(u.block + ".")}
         lines = [
-            f"source        {self.source.spec}",
+            f"source        {self.source.spec}" + ("" if self.source_format.method == "float" else
+                                                     f" ({_format_text(self.source_format)}, dequantized first)"),
             f"quantization  {cfg.method} {cfg.bits}-bit, group {cfg.group_size}, {cfg.tiling} tiling, {cfg.aux} scales",
             f"units         {len(self.units)} ({len(layers)} decoder layers; each unit planned within "
             f"{self.worker_memory / gb:.2f} GB of worker memory)",
@@ -214,6 +222,11 @@ class Plan:
             )
         lines.extend(self.notes)
         return "\n".join(lines)
+
+
+def _format_text(fmt: SourceFormat) -> str:
+    scales = f"{fmt.block[0]}x{fmt.block[1]} block scales" if fmt.block else "per-tensor or per-row scales"
+    return f"{fmt.method} with {scales}"
 
 
 def _generated(name: str, tensor) -> TensorTask:
@@ -247,10 +260,6 @@ def _inventory(source: Source) -> dict[str, tuple[str, TensorInfo]]:
 
 
 def _layout(source: Source, model_config: dict) -> ModelLayout:
-    qc = model_config.get("quantization_config")
-    if isinstance(qc, dict):
-        raise PlanError(f"{source.spec}/config.json: the checkpoint is already quantized "
-                        f"({qc.get('quant_method', 'unknown format')}); quantized sources are not supported")
     try:
         return model_layout(model_config)
     except ArchitectureError as exc:
@@ -259,6 +268,7 @@ def _layout(source: Source, model_config: dict) -> ModelLayout:
 
 def _model_tensors(
     source: Source, layout: ModelLayout, inventory: dict[str, tuple[str, TensorInfo]],
+    scales: dict[str, tuple[str, TensorInfo]], fmt: SourceFormat,
 ) -> dict[str, tuple[Piece, ...]]:
     """Model tensor name -> the source pieces that make it, in order, once the checkpoint is known
     to fill the model exactly. A tensor with no place in the model, one of the wrong shape, an
@@ -270,6 +280,8 @@ def _model_tensors(
     parts_of: dict[str, int] = {}
     for name, (file, info) in sorted(inventory.items()):
         where = f"{source.spec}/{file}: tensor {name!r}"
+        scale_file, scale = scales.get(name, ("", None))
+        piece = Piece(file, info, scale, scale_file, fmt.block if scale is not None else None)
         try:
             target = converter.target(name)
         except ConversionError as exc:
@@ -284,7 +296,7 @@ def _model_tensors(
             if info.shape != want:
                 raise PlanError(f"{where} has shape {list(info.shape)}; {layout.class_name}'s {target.name} is "
                                 f"{list(want)}, so the output would not load")
-            whole[target.name] = Piece(file, info)
+            whole[target.name] = piece
             continue
         rows = want[1] // target.parts if len(want) == 3 else -1
         if len(want) != 3 or target.expert >= want[0] or info.shape != (rows, want[2]) or want[1] % target.parts:
@@ -292,7 +304,7 @@ def _model_tensors(
                             f"{target.name} {list(want)}, so the output would not load")
         if target.name in whole or (target.expert, target.part) in experts.get(target.name, {}):
             raise PlanError(f"{where} fills expert {target.expert} of {target.name}, which another tensor fills too")
-        experts.setdefault(target.name, {})[(target.expert, target.part)] = Piece(file, info)
+        experts.setdefault(target.name, {})[(target.expert, target.part)] = piece
         parts_of[target.name] = target.parts
     tensors: dict[str, tuple[Piece, ...]] = {n: (p,) for n, p in whole.items()}
     for name, pieces in experts.items():
@@ -314,11 +326,24 @@ def _expert_pieces(pieces: tuple[Piece, ...], experts: int, expert: int) -> tupl
     stacked tensor (a contiguous byte range, read on its own)."""
     if len(pieces) == 1 and len(pieces[0].info.shape) == 3:
         whole = pieces[0]
-        info = whole.info
-        size = info.nbytes // experts
-        return (Piece(whole.file, TensorInfo(info.name, info.dtype, info.shape[1:], info.start + expert * size, size)),)
+        scale = whole.scale
+        if scale is not None and len(scale.shape) == 3:
+            scale = _slice(scale, experts, expert)
+        return (Piece(whole.file, _slice(whole.info, experts, expert), scale, whole.scale_file, whole.block),)
     per = len(pieces) // experts
     return pieces[expert * per:(expert + 1) * per]
+
+
+def _slice(info: TensorInfo, experts: int, expert: int) -> TensorInfo:
+    """Expert ``expert``'s matrix of a tensor stacked on its first dimension: a contiguous byte range."""
+    size = info.nbytes // experts
+    return TensorInfo(info.name, info.dtype, info.shape[1:], info.start + expert * size, size)
+
+
+def _float_dtype(model_config: dict) -> str:
+    """The dtype dequantized FP8 tensors are written in when copied: the model's own."""
+    name = model_config.get("torch_dtype") or model_config.get("dtype") or "bfloat16"
+    return {"float16": "F16", "float32": "F32"}.get(str(name), "BF16")
 
 
 def make_plan(
@@ -339,9 +364,13 @@ def make_plan(
     22.5 GB in bf16) becomes three units under the default 12 GB.
     """
     model_config = source.read_json("config.json")
-    inventory = _inventory(source)
+    try:
+        fmt = source_format(f"{source.spec}/config.json", model_config)
+        inventory, scales = pair_scales(source.spec, fmt, _inventory(source))
+    except FormatError as exc:
+        raise PlanError(str(exc)) from None
     layout = _layout(source, model_config)
-    tensors = _model_tensors(source, layout, inventory)
+    tensors = _model_tensors(source, layout, inventory, scales, fmt)
     include, exclude = include or [], exclude or []
 
     def chosen(name: str) -> bool:
@@ -350,7 +379,7 @@ def make_plan(
 
     def check_weight(name: str, pieces: tuple[Piece, ...], shape: tuple[int, int], what: str) -> None:
         file, dtype = pieces[0].file, pieces[0].info.dtype
-        if dtype not in _QUANTIZABLE:
+        if dtype not in _QUANTIZABLE and pieces[0].scale is None:
             raise PlanError(f"{source.spec}/{file}: {pieces[0].info.name} is {dtype}; only "
                             f"{', '.join(_QUANTIZABLE)} weights are quantized")
         n, k = shape
@@ -371,7 +400,7 @@ def make_plan(
 
     def copied(name: str, pieces: tuple[Piece, ...]) -> TensorTask:
         shape = layout.shapes[name]
-        dtype = pieces[0].info.dtype
+        dtype = _float_dtype(model_config) if pieces[0].scale is not None else pieces[0].info.dtype
         return TensorTask(name, pieces, dtype, shape, False, (PlannedTensor(name, DTYPES[dtype], shape),))
 
     tasks_of: dict[str, list[TensorTask]] = {}
@@ -381,6 +410,10 @@ def make_plan(
         if name in layout.linear_weights and chosen(name):
             check_weight(name, pieces, layout.linear_weights[name], name)
             tasks = [quantized_task(name, name.removesuffix(".weight"), pieces, layout.linear_weights[name], False, None)]
+        elif name in layout.conv1d_weights and chosen(name):
+            n_in, n_out = layout.conv1d_weights[name]
+            check_weight(name, pieces, (n_out, n_in), f"{name} (a Conv1D, [{n_out}, {n_in}] as quantized)")
+            tasks = [quantized_task(name, name.removesuffix(".weight"), pieces, (n_in, n_out), True, None)]
         elif name in layout.expert_weights and chosen(name):
             ew = layout.expert_weights[name]
             check_weight(name, pieces, ew.shape, f"{name} (each expert's matrix, {list(ew.shape)} as quantized)")
@@ -433,7 +466,7 @@ def make_plan(
          and n not in quantized} | {"lm_head"}
     )
     return Plan(source, config, units, shards, model_config, source.assets(), not_converted, max_shard_size,
-                worker_memory, _kinds(layout, tensors, units))
+                worker_memory, _kinds(layout, tensors, units), fmt)
 
 
 def _layer_key(block: str) -> tuple[str, int]:

@@ -105,7 +105,7 @@ class Assembler:
 
         def manifest() -> dict:
             return build_manifest(
-                source={"spec": plan.source.spec, **plan.source.identity},
+                source={"spec": plan.source.spec, **plan.source.identity, "format": plan.source_format.describe()},
                 quantization={**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
                 files=self.files,
                 tensors=[vars(s) for u in units for s in u.stats],

@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sinq_ops import QuantConfig, quantize, relative_error
+from sinq_ops.formats import dequantize_fp8
 
 from ..io.safetensors_io import (
-    TensorInfo, aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream,
+    DTYPES, TensorInfo, aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream,
 )
 from ..io.storage import Location
 from ..sources import Source
-from .plan import TensorTask, Unit
+from .plan import Piece, TensorTask, Unit
 
 
 class UnitError(ValueError):
@@ -85,13 +86,26 @@ def staged_result(unit: Unit, staging: Location) -> UnitResult | None:
 
 def read_task(source: Source, task: TensorTask) -> torch.Tensor:
     """The tensor ``task`` is made of: computed at plan time, one checkpoint tensor, or its pieces
-    (each read by its own byte range) joined in order."""
+    (each read by its own byte range) joined in order. FP8 pieces come back as the float32 weights
+    they encode, and a copied task in its planned dtype."""
     if task.data is not None:
         return tensor_from_bytes(TensorInfo(task.name, task.dtype, task.shape, 0, len(task.data)), task.data)
-    if len(task.pieces) == 1 and task.pieces[0].info.shape == task.shape:
-        return source.read_tensor(task.pieces[0].file, task.pieces[0].info)
-    parts = [source.read_tensor(p.file, p.info).reshape(-1) for p in task.pieces]
-    return torch.cat(parts).reshape(task.shape)
+    parts = [_read_piece(source, p) for p in task.pieces]
+    tensor = parts[0] if len(parts) == 1 and tuple(parts[0].shape) == task.shape else (
+        torch.cat([p.reshape(-1) for p in parts]).reshape(task.shape))
+    if not task.quantize and tensor.dtype != DTYPES[task.dtype]:
+        tensor = tensor.to(DTYPES[task.dtype])
+    return tensor
+
+
+def _read_piece(source: Source, piece: Piece) -> torch.Tensor:
+    tensor = source.read_tensor(piece.file, piece.info)
+    if piece.scale is None:
+        return tensor
+    try:
+        return dequantize_fp8(tensor, source.read_tensor(piece.scale_file, piece.scale), piece.block)
+    except ValueError as exc:
+        raise UnitError(f"{source.spec}/{piece.file}: {piece.info.name}: {exc}") from None
 
 
 def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str) -> UnitResult:
