@@ -155,3 +155,37 @@ def model_layout(model_config: dict) -> ModelLayout:
 def model_buffers(model_config: dict) -> dict[str, torch.Tensor]:
     """Buffer name -> tensor for the architecture in ``model_config``."""
     return model_layout(model_config).buffers
+
+
+def output_problem(model_config: dict, names: list[str], leaves: list[str]) -> str | None:
+    """The first reason an output holding tensors ``names``, of which ``leaves`` are quantized
+    (``<leaf>.W_q``, ``<leaf>.meta.*``), would not load into the model ``model_config`` describes;
+    ``None`` when every tensor has a place and every parameter and buffer has a tensor.
+
+    The planner checks the source against the model before any work; this checks the output itself,
+    just before its manifest makes it complete, so a planning mistake can never commit."""
+    layout = model_layout(model_config)
+    quantized = set(leaves)
+    modules = set(layout.linear_modules) | {w.removesuffix(".weight") for w in layout.conv1d_weights}
+    supplied: set[str] = set()
+    experts: dict[str, set[int]] = {}
+    for name in sorted(names):
+        leaf = name.removesuffix(".W_q") if name.endswith(".W_q") else name.split(".meta.")[0]
+        if leaf == name or leaf not in quantized:
+            if name not in layout.places:
+                return f"output tensor {name!r} has no place in {layout.class_name}"
+            supplied.add(name)
+            continue
+        param, _, number = leaf.rpartition(".")
+        if leaf in modules:
+            supplied.add(f"{leaf}.weight")
+        elif param in layout.expert_weights and number.isdigit() and int(number) < layout.expert_weights[param].experts:
+            experts.setdefault(param, set()).add(int(number))
+        else:
+            return f"output tensor {name!r} belongs to no Linear or expert matrix of {layout.class_name}"
+    supplied.update(p for p, got in experts.items() if len(got) == layout.expert_weights[p].experts)
+    for group in layout.parameter_groups:
+        if not supplied.intersection(group):
+            return f"no output tensor for {group[0]} of {layout.class_name}"
+    missing = sorted(set(layout.buffers) - supplied)
+    return f"no output tensor for buffer {missing[0]} of {layout.class_name}" if missing else None

@@ -1,6 +1,6 @@
 """A job commits only what loads and computes what the source does: checkpoints that hold tensors the
-model has no place for or of the wrong shape, miss a parameter or an expert, hold nothing the model
-computes as a Linear or an expert (Conv1D weights), or are themselves quantized are refused before
+model has no place for or of the wrong shape, miss a parameter or an expert, or are quantized in a
+format this tool does not read are refused before
 any work, in one line, with nothing written."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from checkpoints import write_llama_checkpoint
 from jobs import quantize as cli
@@ -71,13 +71,6 @@ def test_a_tensor_of_the_wrong_shape_is_refused(moe: Path, tmp_path: Path, capsy
              "does not fit expert 1 of model.layers.0.mlp.experts.down_proj [4, 64, 64]")
 
 
-def test_conv1d_weights_are_not_quantized_as_if_they_were_linear(tmp_path: Path, capsys) -> None:
-    torch.manual_seed(0)
-    src = _saved(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=2, n_positions=64)),
-                 tmp_path / "gpt2")
-    _refused(src, tmp_path / "out", capsys, "no tensor to quantize", "no Linear or expert weights")
-
-
 def test_a_tensor_without_a_place_in_the_model_is_refused(llama: Path, tmp_path: Path, capsys) -> None:
     src = tmp_path / "src"
     shutil.copytree(llama, src)
@@ -104,3 +97,26 @@ def test_an_already_quantized_source_is_refused_naming_its_format(llama: Path, t
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (src / "config.json").write_text(json.dumps(cfg))
     _refused(src, tmp_path / "out", capsys, "config.json", "already quantized (gptq)")
+
+
+def test_a_planted_output_tensor_with_no_place_fails_the_job_before_its_manifest(
+        llama: Path, tmp_path: Path, monkeypatch) -> None:
+    from pipeline.job import run as run_module
+    from pipeline.job.errors import JobError
+    from pipeline.job.options import JobOptions
+    from pipeline.job.plan import Unit, _generated
+
+    real = run_module.make_plan
+
+    def planted(*args, **kwargs):  # a planning mistake: a tensor the model has no place for
+        plan = real(*args, **kwargs)
+        first = plan.units[0]
+        plan.units[0] = Unit(first.index, first.name, first.tasks + (_generated("model.stray", torch.ones(2)),),
+                             first.block)
+        return plan
+
+    monkeypatch.setattr(run_module, "make_plan", planted)
+    out = tmp_path / "out"
+    with pytest.raises(JobError, match="would not load, so it is not committed: output tensor 'model.stray' has no place"):
+        run_module.run_job(JobOptions(model=str(llama), out=str(out), workers=1), log=lambda _: None)
+    assert not (out / MANIFEST_NAME).exists() and not (out / "model.safetensors.index.json").exists()

@@ -13,6 +13,7 @@ import json
 import time
 from typing import Iterator
 
+from ..architecture import output_problem
 from ..io.hf_names import INDEX_NAME
 from ..io.safetensors_io import aligned_order, write_stream
 from ..io.storage import Location
@@ -21,6 +22,10 @@ from ..output.layout import CARD_NAME, SIDECAR_NAME, quantization_config
 from ..output.manifest import MANIFEST_NAME, FileRecord, build_manifest, encode_manifest
 from .plan import Plan
 from .unit import UnitResult
+
+
+class UnloadableOutput(ValueError):
+    """The assembled output would not load into its model; nothing after the shards is written."""
 
 
 class Assembler:
@@ -89,6 +94,10 @@ class Assembler:
             raise RuntimeError(f"cannot finish: {len(missing)} units not done (first: {missing[:1]})")
         names = plan.shard_names
         weight_map = {o.name: names[s] for s, units in enumerate(plan.shards) for u in units for o in plan.units[u].outputs}
+        leaves = [leaf for u in plan.units for leaf in self.results[u.index].sidecar]
+        problem = output_problem(plan.model_config, list(weight_map), leaves)
+        if problem is not None:
+            raise UnloadableOutput(f"{plan.source.spec}: the output would not load, so it is not committed: {problem}")
         self._put_json(INDEX_NAME, {
             "metadata": {"total_size": plan.out_bytes},
             "weight_map": dict(sorted(weight_map.items())),
