@@ -31,14 +31,31 @@ class ArchitectureError(ValueError):
 
 
 def empty_model(model_config: dict) -> nn.Module:
-    """The ``AutoModelForCausalLM`` of ``model_config`` with its parameters on the meta device."""
+    """The model class ``model_config`` names (its ``architectures``: a vision-language wrapper such
+    as ``Qwen2_5_VLForConditionalGeneration`` included), else its ``AutoModelForCausalLM``, with its
+    parameters on the meta device."""
     import transformers
     from accelerate import init_empty_weights
 
     cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
     config = transformers.AutoConfig.for_model(**cfg)
+    named = (model_config.get("architectures") or [None])[0]
+    cls = getattr(transformers, named, None) if isinstance(named, str) else None
     with init_empty_weights(include_buffers=False):
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls._from_config(config)
         return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def decoder_prefix(model: nn.Module) -> str:
+    """The module name of the language model's decoder (``model``, ``model.language_model``, ...):
+    its layers are the ones quantized by default, a vision or audio tower's are not."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    for name, module in model.named_modules():
+        if module is decoder:
+            return name
+    return ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ class ModelLayout:
     places: frozenset[str]  # every parameter and buffer name, shared (tied) ones under each name
     parameter_groups: tuple[tuple[str, ...], ...]  # the names of each parameter, tied ones together
     buffers: dict[str, torch.Tensor]
+    decoder: str  # the language model's decoder module ("" when the model names none)
     kinds: dict[str, str]  # parameter or buffer name -> class name of the module that holds it
     shapes: dict[str, tuple[int, ...]]  # parameter or buffer name -> shape
     model: nn.Module = field(repr=False, compare=False)  # on the meta device
@@ -148,8 +166,8 @@ def model_layout(model_config: dict) -> ModelLayout:
     places = frozenset(n for names in groups.values() for n in names) | frozenset(buffers)
     linear_modules = frozenset(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
     conv1d = {f"{name}.weight": tuple(m.weight.shape) for name, m in model.named_modules() if is_conv1d(m)}
-    return ModelLayout(type(model).__name__, linear, linear_modules, conv1d, experts, places, tuple(tuple(g) for g in groups.values()),
-                       buffers, kinds, shapes, model)
+    return ModelLayout(type(model).__name__, linear, linear_modules, conv1d, experts, places,
+                       tuple(tuple(g) for g in groups.values()), buffers, decoder_prefix(model), kinds, shapes, model)
 
 
 def model_buffers(model_config: dict) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ class JobOptions:
     cpus_per_worker: int = 1
     max_shard_size: int = 4 * 10**9
     worker_memory: int = 12 * 10**9  # pipeline.job.plan.DEFAULT_WORKER_MEMORY, without importing torch
+    include_towers: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     dry_run: bool = False
@@ -112,6 +113,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("worker_memory", "memory one worker may plan for a unit (its source tensors, outputs and work space); "
                             "a decoder layer that needs more is split into units by groups of experts "
                             "(the default suits two workers on a 24 GB card)", kind="size", metavar="SIZE"),
+    Option("include_towers", "also quantize the layers of a vision or audio tower (by default only the language "
+                             "model's decoder layers are quantized)", kind="flag"),
     Option("include", "quantize only the model's tensors whose names match this regex (repeatable)", kind="list", metavar="REGEX"),
     Option("exclude", "leave the model's tensors whose names match this regex unquantized (repeatable)", kind="list", metavar="REGEX"),
     Option("dry_run", "print the plan (units, sizes, shards, memory per worker) and exit", kind="flag"),

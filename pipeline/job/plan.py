@@ -354,6 +354,7 @@ def make_plan(
     exclude: list[str] | None = None,
     max_shard_size: int = 4 * 10**9,
     worker_memory: int = DEFAULT_WORKER_MEMORY,
+    include_towers: bool = False,
 ) -> Plan:
     """Decide what is quantized, group tensors into units, and lay the units out in shards.
 
@@ -362,6 +363,9 @@ def make_plan(
     also holding the layer's other tensors. Shards are laid out by whole layers, so the output's
     bytes do not depend on how a layer was split. For example, a DeepSeek-V3 layer (256 experts,
     22.5 GB in bf16) becomes three units under the default 12 GB.
+
+    Only the language model's decoder layers are quantized unless ``include_towers``: a vision or
+    audio tower's layers are copied.
     """
     model_config = source.read_json("config.json")
     try:
@@ -373,8 +377,11 @@ def make_plan(
     tensors = _model_tensors(source, layout, inventory, scales, fmt)
     include, exclude = include or [], exclude or []
 
+    decoder = f"{layout.decoder}." if layout.decoder else ""
+
     def chosen(name: str) -> bool:
-        return (LAYER_PATTERN.match(name) is not None and (not include or _matches(name, include))
+        in_decoder = name.startswith(decoder) or include_towers
+        return (LAYER_PATTERN.match(name) is not None and in_decoder and (not include or _matches(name, include))
                 and not _matches(name, exclude))
 
     def check_weight(name: str, pieces: tuple[Piece, ...], shape: tuple[int, int], what: str) -> None:

@@ -37,7 +37,8 @@ _STOP_WAIT_S = 30.0
 def run_key(plan: Plan, opts: JobOptions) -> str:
     """Names the staging area: the same source, config and selection give the same key."""
     ident = {"source": plan.source.identity, "config": plan.config.to_dict(), "include": list(opts.include),
-             "exclude": list(opts.exclude), "max_shard_size": opts.max_shard_size, "tool": tool_version()}
+             "exclude": list(opts.exclude), "max_shard_size": opts.max_shard_size, "tool": tool_version(),
+             **({"include_towers": True} if opts.include_towers else {})}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -136,7 +137,8 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     config = opts.quant
     source = open_source(opts.model, opts.storage)
     plan = make_plan(source, config, include=list(opts.include), exclude=list(opts.exclude),
-                     max_shard_size=opts.max_shard_size, worker_memory=opts.worker_memory)
+                     max_shard_size=opts.max_shard_size, worker_memory=opts.worker_memory,
+                     include_towers=opts.include_towers)
     logger.info("planned %d units in %d shards: %.3f GB in, %.3f GB out", len(plan.units), len(plan.shards),
                 plan.in_bytes / 1e9, plan.out_bytes / 1e9)
     if opts.dry_run:
