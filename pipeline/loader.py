@@ -21,7 +21,7 @@ from sinq_ops import QuantizedWeight, SINQExperts, SINQLinear
 from .architecture import empty_model, expert_modules, experts_transposed
 from .conversion import Converter
 from .job.formats import pair_scales, source_format
-from sinq_ops.formats import dequantize_fp8
+from sinq_ops.formats import dequantize_fp8, dequantize_mxfp4
 from .io.hf_names import INDEX_NAME
 from .io.storage import Location, StorageOptions
 from .output.layout import SIDECAR_NAME
@@ -142,9 +142,11 @@ def load_source(
     for name, (file, info) in tensors.items():
         target = converter.target(name)
         tensor = src.read_tensor(file, info)
-        if name in scales:  # FP8: the float weight it encodes
+        if name in scales:  # FP8 or MXFP4: the float weight it encodes
             sfile, sinfo = scales[name]
-            tensor = dequantize_fp8(tensor, src.read_tensor(sfile, sinfo), fmt.block)
+            scale = src.read_tensor(sfile, sinfo)
+            tensor = (dequantize_mxfp4(tensor, scale).transpose(-1, -2) if fmt.method == "mxfp4"
+                      else dequantize_fp8(tensor, scale, fmt.block))
         if target.expert is None:
             _set_tensor(model, target.name, tensor, dtype)
             continue

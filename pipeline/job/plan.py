@@ -17,7 +17,7 @@ from ..conversion import ConversionError, Converter
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import shard_names
 from ..sources import Source
-from .formats import FormatError, SourceFormat, pair_scales, source_format
+from .formats import FormatError, SourceFormat, logical_shape, pair_scales, source_format
 
 # A decoder layer: "model.layers.12.", "model.language_model.layers.3.", "transformer.h.7.", ...
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.(\d+))\.")
@@ -38,9 +38,10 @@ class Piece:
 
     file: str
     info: TensorInfo
-    scale: TensorInfo | None = None  # an FP8 weight's scale_inv (dequantized on the worker before anything else)
+    scale: TensorInfo | None = None  # an FP8 weight's scale_inv or MXFP4 codes' scales: dequantized first
     scale_file: str = ""
-    block: tuple[int, int] | None = None
+    block: tuple[int, int] | None = None  # FP8 scale blocks
+    codes: str = ""  # "fp8" or "mxfp4" when ``info`` holds codes rather than the weight
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,8 @@ class Plan:
 
 
 def _format_text(fmt: SourceFormat) -> str:
+    if fmt.method == "mxfp4":
+        return "mxfp4 experts"
     scales = f"{fmt.block[0]}x{fmt.block[1]} block scales" if fmt.block else "per-tensor or per-row scales"
     return f"{fmt.method} with {scales}"
 
@@ -281,7 +284,9 @@ def _model_tensors(
     for name, (file, info) in sorted(inventory.items()):
         where = f"{source.spec}/{file}: tensor {name!r}"
         scale_file, scale = scales.get(name, ("", None))
-        piece = Piece(file, info, scale, scale_file, fmt.block if scale is not None else None)
+        piece = Piece(file, info, scale, scale_file, fmt.block if scale is not None else None,
+                      fmt.method if scale is not None else "")
+        shape = logical_shape(info, fmt, scale is not None)
         try:
             target = converter.target(name)
         except ConversionError as exc:
@@ -293,14 +298,14 @@ def _model_tensors(
         if target.expert is None:
             if target.name in whole or target.name in experts:
                 raise PlanError(f"{where} fills {target.name}, which another tensor fills too")
-            if info.shape != want:
-                raise PlanError(f"{where} has shape {list(info.shape)}; {layout.class_name}'s {target.name} is "
+            if shape != want:
+                raise PlanError(f"{where} has shape {list(shape)}; {layout.class_name}'s {target.name} is "
                                 f"{list(want)}, so the output would not load")
             whole[target.name] = piece
             continue
         rows = want[1] // target.parts if len(want) == 3 else -1
-        if len(want) != 3 or target.expert >= want[0] or info.shape != (rows, want[2]) or want[1] % target.parts:
-            raise PlanError(f"{where} of shape {list(info.shape)} does not fit expert {target.expert} of "
+        if len(want) != 3 or target.expert >= want[0] or shape != (rows, want[2]) or want[1] % target.parts:
+            raise PlanError(f"{where} of shape {list(shape)} does not fit expert {target.expert} of "
                             f"{target.name} {list(want)}, so the output would not load")
         if target.name in whole or (target.expert, target.part) in experts.get(target.name, {}):
             raise PlanError(f"{where} fills expert {target.expert} of {target.name}, which another tensor fills too")
@@ -324,12 +329,13 @@ def _model_tensors(
 def _expert_pieces(pieces: tuple[Piece, ...], experts: int, expert: int) -> tuple[Piece, ...]:
     """The pieces of one expert's matrix: its share of the per-expert tensors, or its slice of one
     stacked tensor (a contiguous byte range, read on its own)."""
-    if len(pieces) == 1 and len(pieces[0].info.shape) == 3:
+    if len(pieces) == 1 and (pieces[0].codes == "mxfp4" or len(pieces[0].info.shape) == 3):
         whole = pieces[0]
         scale = whole.scale
         if scale is not None and len(scale.shape) == 3:
             scale = _slice(scale, experts, expert)
-        return (Piece(whole.file, _slice(whole.info, experts, expert), scale, whole.scale_file, whole.block),)
+        return (Piece(whole.file, _slice(whole.info, experts, expert), scale, whole.scale_file, whole.block,
+                      whole.codes),)
     per = len(pieces) // experts
     return pieces[expert * per:(expert + 1) * per]
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sinq_ops import QuantConfig, quantize, relative_error
-from sinq_ops.formats import dequantize_fp8
+from sinq_ops.formats import dequantize_fp8, dequantize_mxfp4
 
 from ..io.safetensors_io import (
     DTYPES, TensorInfo, aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream,
@@ -103,7 +103,10 @@ def _read_piece(source: Source, piece: Piece) -> torch.Tensor:
     if piece.scale is None:
         return tensor
     try:
-        return dequantize_fp8(tensor, source.read_tensor(piece.scale_file, piece.scale), piece.block)
+        scale = source.read_tensor(piece.scale_file, piece.scale)
+        if piece.codes == "mxfp4":  # codes hold [..., out, in]; the parameter stores [..., in, out]
+            return dequantize_mxfp4(tensor, scale).transpose(-1, -2)
+        return dequantize_fp8(tensor, scale, piece.block)
     except ValueError as exc:
         raise UnitError(f"{source.spec}/{piece.file}: {piece.info.name}: {exc}") from None
 

@@ -1,8 +1,9 @@
-"""FP8 sources as DeepSeek-V3 and the Qwen3 -FP8 releases ship them: e4m3 (or e5m2) weights with a
-float32 weight_scale_inv per block (edge blocks cut short), per row or per tensor. They are
-dequantized on the worker before SINQ, the error is measured against the true weight, the scales and
-the fp8 quantization_config never reach the output, and the output computes what the dequantized
-source quantized in memory does. Every other quantized format is refused, naming it."""
+"""Quantized sources. FP8 as DeepSeek-V3 and the Qwen3 -FP8 releases ship it: e4m3 (or e5m2) weights
+with a float32 weight_scale_inv per block (edge blocks cut short), per row or per tensor; and MXFP4
+experts as gpt-oss ships them. They are dequantized on the worker before SINQ, the error is measured
+against the true weight, the scales and the source's quantization_config never reach the output, and
+the output computes what the dequantized source quantized in memory does. Every other quantized
+format is refused, naming it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import moe_models
 from jobs import quantize as cli
 from pipeline.job.options import JobOptions
 from pipeline.job.run import run_job
@@ -131,7 +133,7 @@ def _refused(src: Path, out: Path, capsys, *pieces: str) -> None:
     assert not (out / MANIFEST_NAME).exists()
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "bitsandbytes", "mxfp4", "made-up"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors", "bitsandbytes", "made-up"])
 def test_other_quantized_sources_are_refused_naming_the_format(tmp_path: Path, capsys, method: str) -> None:
     src, _ = _fp8_source(tmp_path / "src")
     config = json.loads((src / "config.json").read_text())
@@ -151,3 +153,54 @@ def test_fp8_weight_without_its_scale_or_a_misfit_scale_is_refused(tmp_path: Pat
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     _refused(src, tmp_path / "out", capsys, "'model.layers.1.mlp.up_proj.weight_scale_inv' of shape [2, 2]",
              "in 40x40 blocks")
+
+
+def _mxfp4_gpt_oss(out: Path) -> Path:
+    """gpt-oss with its expert matrices in MXFP4, encoded by the test: per 32 weights of a row, the
+    power of two that brings them within e2m1's +-6, and each weight's nearest e2m1 value."""
+    moe_models.save("gpt_oss", out, fused=True)
+    tensors = load_file(out / "model.safetensors")
+    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        rows = tensors.pop(name).float().transpose(1, 2)  # [experts, out, in]
+        e, r, c = rows.shape
+        groups = rows.reshape(e, r, c // 32, 32)
+        exp = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0))
+        codes = ((groups / torch.exp2(exp)[..., None])[..., None] - table).abs().argmin(-1).to(torch.uint8)
+        tensors[name + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+        tensors[name + "_scales"] = (exp + 127).to(torch.uint8)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4",
+                                     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"]}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_mxfp4_experts_are_dequantized_before_sinq(tmp_path: Path) -> None:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from test_moe import _in_memory
+    from test_moe import _logits as moe_logits
+
+    src = _mxfp4_gpt_oss(tmp_path / "src")
+    raw = load_file(src / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj"
+    true = convert_moe_packed_tensors(raw[name + "_blocks"], raw[name + "_scales"], dtype=torch.float32)
+    assert torch.equal(load_source(str(src)).get_parameter(name).detach(), true)  # transformers' own decoding
+
+    out = tmp_path / "out"
+    manifest = run_job(JobOptions.from_settings({"model": str(src), "out": str(out), "group_size": 32, "workers": 2}),
+                       log=lambda _: None)
+    assert manifest["source"]["format"] == {"method": "mxfp4", "weight_block_size": None}
+    written = {}
+    for shard in out.glob("model-*.safetensors"):
+        written.update(load_file(shard))
+    assert not any(n.endswith(("_blocks", "_scales")) for n in written)
+    errors = {t["name"]: t["rel_error"] for t in manifest["tensors"]}
+    expert = quantize(true[3].t().contiguous(), **CONFIG.to_dict())
+    assert errors[f"{name}.3"] == pytest.approx(
+        float((true[3].t() - expert.dequantize(torch.float32)).norm() / true[3].norm()), rel=1e-4)
+    leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
+    got, want = moe_logits(load_quantized(str(out))), moe_logits(_in_memory(src, leaves))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
