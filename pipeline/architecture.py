@@ -205,5 +205,5 @@ def output_problem(model_config: dict, names: list[str], leaves: list[str]) -> s
     for group in layout.parameter_groups:
         if not supplied.intersection(group):
             return f"no output tensor for {group[0]} of {layout.class_name}"
-    missing = sorted(set(layout.buffers) - supplied)
+    missing = sorted({n for n, b in layout.buffers.items() if not b.is_complex()} - supplied)
     return f"no output tensor for buffer {missing[0]} of {layout.class_name}" if missing else None

@@ -441,7 +441,9 @@ def make_plan(
         # of its split units one after another, so a shard's bytes do not depend on the split.
         tasks.sort(key=lambda t: -1 if t.expert is None else t.expert)
     blocks = sorted(tasks_of, key=lambda b: (LAYER_PATTERN.match(b + ".") is not None, _layer_key(b)))
-    buffers = {n: b for n, b in layout.buffers.items() if n not in tensors}
+    # Buffers the model computes from its config, written for loaders that insist on them; a complex
+    # one (Llama 4's vision rotary table) has no safetensors dtype, and every loader recomputes it.
+    buffers = {n: b for n, b in layout.buffers.items() if n not in tensors and b.dtype in DTYPE_NAMES}
     grouped: list[tuple[str, list[list[TensorTask]]]] = []
     for block in blocks:
         if LAYER_PATTERN.match(block + ".") is None:

@@ -124,7 +124,12 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
     read_s = quant_s = 0.0
     for task in unit.tasks:
         t0 = time.perf_counter()
-        tensor = read_task(source, task)
+        try:
+            tensor = read_task(source, task)
+        except UnitError:
+            raise
+        except ValueError as exc:  # bytes that do not decode as planned: name the file and the tensor
+            raise UnitError(f"{source.spec}/{task.file}: {task.source_name}: {exc}") from None
         read_s += time.perf_counter() - t0
         if not task.quantize:
             outputs[task.name] = tensor
