@@ -41,6 +41,27 @@ def _expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int] 
     return scale[r][:, c]
 
 
+def _to_fp8(tensors: dict[str, torch.Tensor], names: list[str], dtype, block, per_row) -> dict[str, torch.Tensor]:
+    """Replace ``names`` in ``tensors`` by FP8 codes and their ``_scale_inv``; returns the true weights."""
+    true = {}
+    for name in names:
+        w = tensors[name].float()
+        rows, cols = w.shape
+        if block is None:
+            amax = w.abs().amax(dim=1) if per_row else w.abs().amax().reshape(1)
+        else:
+            amax = torch.zeros(math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+            for i in range(amax.shape[0]):
+                for j in range(amax.shape[1]):
+                    amax[i, j] = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]].abs().amax()
+        scale = (amax / FP8_MAX[dtype]).clamp(min=1e-12)
+        q = (w / _expand(scale, (rows, cols), block)).to(dtype)
+        tensors[name] = q
+        tensors[name + "_scale_inv"] = scale.reshape(rows, 1) if per_row else scale
+        true[name] = q.float() * _expand(scale, (rows, cols), block)
+    return true
+
+
 def _fp8_source(out: Path, *, dtype=torch.float8_e4m3fn, block: tuple[int, int] | None = (40, 40),
                 per_row: bool = False) -> tuple[Path, dict[str, torch.Tensor]]:
     """A tiny Qwen3 whose decoder-layer Linear weights are FP8 with scales; returns it and the true
@@ -50,23 +71,7 @@ def _fp8_source(out: Path, *, dtype=torch.float8_e4m3fn, block: tuple[int, int] 
                       num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64)
     Qwen3ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
     tensors = load_file(out / "model.safetensors")
-    true = {}
-    for name in [n for n in tensors if ".layers." in n and n.endswith("proj.weight")]:
-        w = tensors[name].float()
-        rows, cols = w.shape
-        if block is None:
-            amax = w.abs().amax(dim=1) if per_row else w.abs().amax().reshape(1)
-        else:
-            grid = torch.zeros(math.ceil(rows / block[0]), math.ceil(cols / block[1]))
-            for i in range(grid.shape[0]):
-                for j in range(grid.shape[1]):
-                    grid[i, j] = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]].abs().amax()
-            amax = grid
-        scale = (amax / FP8_MAX[dtype]).clamp(min=1e-12)
-        q = (w / _expand(scale, (rows, cols), block)).to(dtype)
-        tensors[name] = q
-        tensors[name + "_scale_inv"] = scale.reshape(rows, 1) if per_row else scale
-        true[name] = q.float() * _expand(scale, (rows, cols), block)
+    true = _to_fp8(tensors, [n for n in tensors if ".layers." in n and n.endswith("proj.weight")], dtype, block, per_row)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
@@ -201,6 +206,32 @@ def test_mxfp4_experts_are_dequantized_before_sinq(tmp_path: Path) -> None:
     expert = quantize(true[3].t().contiguous(), **CONFIG.to_dict())
     assert errors[f"{name}.3"] == pytest.approx(
         float((true[3].t() - expert.dequantize(torch.float32)).norm() / true[3].norm()), rel=1e-4)
+    leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
+    got, want = moe_logits(load_quantized(str(out))), moe_logits(_in_memory(src, leaves))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
+
+
+def test_fp8_mixture_of_experts_dequantizes_each_expert_before_joining_gate_and_up(tmp_path: Path) -> None:
+    from test_moe import _in_memory
+    from test_moe import _logits as moe_logits
+
+    src = moe_models.save("qwen3_moe", tmp_path / "src")  # the Hub's per-expert layout, as DeepSeek-V3 ships FP8
+    tensors = load_file(src / "model.safetensors")
+    names = [n for n in tensors if ".layers." in n and n.endswith("proj.weight")]
+    assert any(".experts.3.up_proj." in n for n in names)
+    _to_fp8(tensors, names, torch.float8_e4m3fn, (48, 48), False)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [48, 48]}
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    manifest = run_job(JobOptions.from_settings({"model": str(src), "out": str(out), "group_size": 32, "workers": 2}),
+                       log=lambda _: None)
+    assert max(t["rel_error"] for t in manifest["tensors"]) < 0.15
+    written = {}
+    for shard in out.glob("model-*.safetensors"):
+        written.update(load_file(shard))
+    assert written["model.layers.0.mlp.gate.weight"].dtype == torch.float32  # the router, kept as it was
     leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
     got, want = moe_logits(load_quantized(str(out))), moe_logits(_in_memory(src, leaves))
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
