@@ -88,6 +88,7 @@ class ModelLayout:
     conv1d_weights: dict[str, tuple[int, int]]  # weight of every GPT-2-style Conv1D -> as stored, [in, out]
     expert_weights: dict[str, ExpertWeights]  # every 3-D parameter of an experts module
     places: frozenset[str]  # every parameter and buffer name, shared (tied) ones under each name
+    ignored: tuple[str, ...]  # checkpoint-name patterns transformers drops on load (DeepSeek-V3's MTP layer)
     parameter_groups: tuple[tuple[str, ...], ...]  # the names of each parameter, tied ones together
     buffers: dict[str, torch.Tensor]
     decoder: str  # the language model's decoder module ("" when the model names none)
@@ -128,14 +129,31 @@ def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def _routes(name: str, linear: nn.Linear, experts_modules: dict[str, nn.Module]) -> bool:
+    """Whether a Linear routes or gates for a mixture of experts, and so is kept: it sits directly
+    beside an experts module (``shared_expert_gate``), or inside a module beside one and scores
+    one output per expert (Gemma 4's ``router.proj``). A Linear inside a transformers ``*Router``
+    module (DBRX's ``router.layer``) is kept as well, experts module or not."""
+    parent = name.rpartition(".")[0]
+    for experts_name, module in experts_modules.items():
+        block = experts_name.rpartition(".")[0]
+        if parent == block:
+            return True
+        count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+        inside = name.startswith(f"{block}.") if block else True
+        if inside and not name.startswith(f"{experts_name}.") and linear.out_features == count:
+            return True
+    return False
+
+
 def model_layout(model_config: dict) -> ModelLayout:
     """The layout of the model in ``model_config``; ``ArchitectureError`` if transformers cannot
-    build it (an unknown ``model_type``, a config that names no causal LM)."""
+    build it (an unknown ``model_type``, a class it does not have)."""
     try:
         model = empty_model(model_config)
     except (ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ArchitectureError(f"transformers cannot build a causal LM from config.json ({text})") from None
+        raise ArchitectureError(f"transformers cannot build the model config.json describes ({text})") from None
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # as the loader does: a tied head needs no tensor of its own
     experts_modules = expert_modules(model)
@@ -146,10 +164,10 @@ def model_layout(model_config: dict) -> ModelLayout:
             if p.dim() == 3 and p.is_floating_point():
                 name = f"{mname}.{pname}"
                 experts[name] = ExpertWeights(name, p.shape[0], (p.shape[1], p.shape[2]), transposed)
-    # A Linear directly beside an experts module, in the same block, gates or routes: kept.
-    blocks = {name.rpartition(".")[0] for name in experts_modules}
+    routers = [name for name, m in model.named_modules() if "Router" in type(m).__name__]
     linear = {f"{name}.weight": tuple(m.weight.shape) for name, m in model.named_modules()
-              if type(m) is nn.Linear and name.rpartition(".")[0] not in blocks}
+              if type(m) is nn.Linear and not _routes(name, m, experts_modules)
+              and not any(name.startswith(f"{r}.") for r in routers)}
     groups: dict[int, list[str]] = {}
     kinds: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -166,7 +184,8 @@ def model_layout(model_config: dict) -> ModelLayout:
     places = frozenset(n for names in groups.values() for n in names) | frozenset(buffers)
     linear_modules = frozenset(name for name, m in model.named_modules() if isinstance(m, nn.Linear))
     conv1d = {f"{name}.weight": tuple(m.weight.shape) for name, m in model.named_modules() if is_conv1d(m)}
-    return ModelLayout(type(model).__name__, linear, linear_modules, conv1d, experts, places,
+    ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    return ModelLayout(type(model).__name__, linear, linear_modules, conv1d, experts, places, ignored,
                        tuple(tuple(g) for g in groups.values()), buffers, decoder_prefix(model), kinds, shapes, model)
 
 
@@ -175,10 +194,12 @@ def model_buffers(model_config: dict) -> dict[str, torch.Tensor]:
     return model_layout(model_config).buffers
 
 
-def output_problem(model_config: dict, names: list[str], leaves: list[str]) -> str | None:
+def output_problem(model_config: dict, names: list[str], leaves: list[str],
+                   unwritten: frozenset[str] = frozenset()) -> str | None:
     """The first reason an output holding tensors ``names``, of which ``leaves`` are quantized
     (``<leaf>.W_q``, ``<leaf>.meta.*``), would not load into the model ``model_config`` describes;
-    ``None`` when every tensor has a place and every parameter and buffer has a tensor.
+    ``None`` when every tensor has a place and every parameter and buffer (but the ``unwritten``
+    buffers, which no safetensors dtype holds and every loader recomputes) has a tensor.
 
     The planner checks the source against the model before any work; this checks the output itself,
     just before its manifest makes it complete, so a planning mistake can never commit."""
@@ -205,5 +226,5 @@ def output_problem(model_config: dict, names: list[str], leaves: list[str]) -> s
     for group in layout.parameter_groups:
         if not supplied.intersection(group):
             return f"no output tensor for {group[0]} of {layout.class_name}"
-    missing = sorted({n for n, b in layout.buffers.items() if not b.is_complex()} - supplied)
+    missing = sorted(set(layout.buffers) - unwritten - supplied)
     return f"no output tensor for buffer {missing[0]} of {layout.class_name}" if missing else None

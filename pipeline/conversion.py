@@ -69,7 +69,8 @@ class Converter:
             steps = ", ".join(type(op).__name__ for op in converter.operations) or "no operation"
             raise ConversionError(f"tensor {key!r} is converted by transformers ({steps}) in a way this tool "
                                   "does not plan")
-        expert = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), apply_renamings(key, self._renamings))
+        # transformers reads a pattern as a regex whose ``*.`` spans the expert number; here it must be one.
+        expert = re.search(pattern.replace("*.", r"(\d+)\."), apply_renamings(key, self._renamings))
         if expert is None:
             raise ConversionError(f"tensor {key!r}: no expert number where transformers' pattern {pattern!r} "
                                   "has one")

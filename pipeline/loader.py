@@ -58,7 +58,8 @@ def load_quantized(
     location: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     require_manifest: bool = True, check_hashes: bool = False, storage: StorageOptions | None = None,
 ) -> nn.Module:
-    """A ready-to-run ``AutoModelForCausalLM`` from a quantized output.
+    """A ready-to-run model from a quantized output: the class its config.json names (a causal LM, or
+    a vision-language wrapper), else its ``AutoModelForCausalLM``.
 
     Refuses an output whose manifest is missing or does not match its files, unless
     ``require_manifest=False``. ``dtype`` is the compute dtype of every layer.
@@ -121,8 +122,8 @@ def load_source(
     source: str | Source, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     storage: StorageOptions | None = None,
 ) -> nn.Module:
-    """The float ``AutoModelForCausalLM`` of a source checkpoint, in ``dtype``; FP8 weights as the
-    float values they encode, per-expert tensors stacked as the model holds them.
+    """The float model of a source checkpoint (the class config.json names), in ``dtype``: FP8 and
+    MXFP4 weights as the float values they encode, per-expert tensors stacked as the model holds them.
 
     ``source`` is a spec for ``open_source`` (local directory, ``s3://...``, ``org/name[@revision]``)
     or an already resolved ``Source``. Tensors are read one at a time, by byte range from a

@@ -53,15 +53,20 @@ def configs() -> dict:
     }
 
 
-def save(family: str, out: Path, *, fused: bool = False, seed: int = 0) -> Path:
-    """Write the family's tiny model to ``out`` with ``save_pretrained``: the Hub's per-expert layout,
-    or with ``fused`` the 3-D expert tensors transformers 5 holds."""
+def build(family: str, *, seed: int = 0) -> torch.nn.Module:
+    """The family's tiny model, random but the same for the same seed."""
     cls, config = configs()[family]
     torch.manual_seed(seed)
     model = cls(config).eval()
-    with torch.no_grad():  # random routers pick experts evenly, so every expert is exercised
+    with torch.no_grad():  # nonzero expert biases, so that a bias applied to the wrong expert shows
         for name, p in model.named_parameters():
             if name.endswith("bias") and p.dim() >= 1 and "experts" in name:
                 p.normal_(0, 0.02)
-    model.save_pretrained(out, save_original_format=not fused)
+    return model
+
+
+def save(family: str, out: Path, *, fused: bool = False, seed: int = 0) -> Path:
+    """Write the family's tiny model to ``out`` with ``save_pretrained``: the Hub's per-expert layout,
+    or with ``fused`` the 3-D expert tensors transformers 5 holds."""
+    build(family, seed=seed).save_pretrained(out, save_original_format=not fused)
     return out

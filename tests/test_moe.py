@@ -78,6 +78,11 @@ def test_family_quantizes_loads_and_computes_the_in_memory_quantized_model(famil
     out = tmp_path / "out"
     leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
 
+    # The float reference is read by this project's load_source: first, it computes what the model
+    # transformers built and saved computes, so a misread source cannot hide in both sides below.
+    original = _logits(moe_models.build(family))
+    assert torch.allclose(_logits(load_source(str(src))), original, rtol=1e-5, atol=1e-5)
+
     loaded = load_quantized(str(out))
     assert any(isinstance(m, SINQExperts) for m in loaded.modules()), "no experts module stayed quantized"
     want = _logits(_in_memory(src, leaves))
@@ -147,3 +152,35 @@ def test_a_small_worker_memory_splits_layers_by_experts_and_changes_no_byte(tmp_
     _job(src, tmp_path / "whole", workers=1)
     _job(src, tmp_path / "split", workers=2, worker_memory=budget)
     assert file_bytes(tmp_path / "whole") == file_bytes(tmp_path / "split")
+
+
+def test_routers_are_kept_wherever_the_router_module_sits() -> None:
+    import transformers as tf
+
+    from pipeline.architecture import model_layout
+
+    # Gemma 4: router (holding a Linear) and experts directly in the decoder layer, no MoE block.
+    gemma4 = tf.Gemma4TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32, enable_moe_block=True,
+                                 num_experts=4, top_k_experts=2, moe_intermediate_size=64).to_dict()
+    layout = model_layout({**gemma4, "architectures": ["Gemma4ForCausalLM"]})
+    assert layout.expert_weights and not any("router" in n for n in layout.linear_weights)
+    assert any(".self_attn.q_proj." in n for n in layout.linear_weights)
+    # DBRX: a Linear inside its DbrxRouter.
+    dbrx = tf.DbrxConfig(d_model=64, n_heads=2, n_layers=1, max_seq_len=64, vocab_size=96,
+                         attn_config={"kv_n_heads": 1, "rope_theta": 10000.0},
+                         ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2}).to_dict()
+    layout = model_layout({**dbrx, "architectures": ["DbrxForCausalLM"]})
+    assert not any("router" in n for n in layout.linear_weights) and any("Wqkv" in n for n in layout.linear_weights)
+
+
+def test_tensors_transformers_drops_on_load_are_skipped_and_said(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    src = moe_models.save("deepseek_v3", tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.61.eh_proj.weight"] = torch.zeros(64, 128)  # DeepSeek-V3's multi-token-prediction layer
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    plan = make_plan(open_source(str(src)), CONFIG)
+    assert not any(".layers.61." in o.name for u in plan.units for o in u.outputs)
+    assert any("skipped       1 tensors" in n and "model.layers.61.eh_proj.weight" in n for n in plan.notes)

@@ -101,7 +101,7 @@ def pair_scales(
     for name, (file, _) in sorted(scales.items()):
         if name not in tensors or tensors[name][1].dtype not in _FP8:
             raise FormatError(f"{label}/{file}: scale {name + SCALE_SUFFIX!r} belongs to no FP8 tensor")
-    return tensors, {n: s for n, s in scales.items()}
+    return tensors, scales
 
 
 def _pair_mxfp4(

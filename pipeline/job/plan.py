@@ -20,7 +20,7 @@ from ..sources import Source
 from .formats import FormatError, SourceFormat, logical_shape, pair_scales, source_format
 
 # A decoder layer: "model.layers.12.", "model.language_model.layers.3.", "transformer.h.7.", ...
-LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks)\.(\d+))\.")
+LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks)\.(\d+))\.")
 _QUANTIZABLE = ("F16", "BF16", "F32")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # What one worker may plan for a unit: two workers sharing a 24 GB card (and its host's memory).
@@ -55,7 +55,7 @@ class TensorTask:
 
     name: str  # the model's tensor; for an expert's matrix, the stacked parameter's name and the expert number
     pieces: tuple[Piece, ...]
-    dtype: str
+    dtype: str  # as written for a copied tensor; the source's (codes included) for a quantized one
     shape: tuple[int, ...]
     quantize: bool
     outputs: tuple[PlannedTensor, ...]
@@ -147,6 +147,7 @@ class Plan:
     worker_memory: int = DEFAULT_WORKER_MEMORY
     kinds: list[KindSummary] = field(default_factory=list)
     source_format: SourceFormat = field(default_factory=SourceFormat)
+    unwritten_buffers: frozenset[str] = frozenset()  # buffers no safetensors dtype holds (loaders recompute them)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -271,7 +272,7 @@ def _layout(source: Source, model_config: dict) -> ModelLayout:
 
 def _model_tensors(
     source: Source, layout: ModelLayout, inventory: dict[str, tuple[str, TensorInfo]],
-    scales: dict[str, tuple[str, TensorInfo]], fmt: SourceFormat,
+    scales: dict[str, tuple[str, TensorInfo]], fmt: SourceFormat, skipped: list[str],
 ) -> dict[str, tuple[Piece, ...]]:
     """Model tensor name -> the source pieces that make it, in order, once the checkpoint is known
     to fill the model exactly. A tensor with no place in the model, one of the wrong shape, an
@@ -291,6 +292,9 @@ def _model_tensors(
             target = converter.target(name)
         except ConversionError as exc:
             raise PlanError(f"{source.spec}/{file}: {exc}") from None
+        if target.name not in layout.places and any(re.search(p, name) for p in layout.ignored):
+            skipped.append(name)  # transformers drops it on load too (DeepSeek-V3's multi-token-prediction layer)
+            continue
         if target.name not in layout.places:
             raise PlanError(f"{where} has no place in {layout.class_name}, the model config.json describes, "
                             "so the output would not load")
@@ -332,7 +336,7 @@ def _expert_pieces(pieces: tuple[Piece, ...], experts: int, expert: int) -> tupl
     if len(pieces) == 1 and (pieces[0].codes == "mxfp4" or len(pieces[0].info.shape) == 3):
         whole = pieces[0]
         scale = whole.scale
-        if scale is not None and len(scale.shape) == 3:
+        if scale is not None and len(scale.shape) >= 2 and scale.shape[0] == experts:  # per expert: block or row scales
             scale = _slice(scale, experts, expert)
         return (Piece(whole.file, _slice(whole.info, experts, expert), scale, whole.scale_file, whole.block,
                       whole.codes),)
@@ -380,7 +384,8 @@ def make_plan(
     except FormatError as exc:
         raise PlanError(str(exc)) from None
     layout = _layout(source, model_config)
-    tensors = _model_tensors(source, layout, inventory, scales, fmt)
+    skipped: list[str] = []
+    tensors = _model_tensors(source, layout, inventory, scales, fmt, skipped)
     include, exclude = include or [], exclude or []
 
     decoder = f"{layout.decoder}." if layout.decoder else ""
@@ -444,6 +449,7 @@ def make_plan(
     # Buffers the model computes from its config, written for loaders that insist on them; a complex
     # one (Llama 4's vision rotary table) has no safetensors dtype, and every loader recomputes it.
     buffers = {n: b for n, b in layout.buffers.items() if n not in tensors and b.dtype in DTYPE_NAMES}
+    unwritten = frozenset(n for n, b in layout.buffers.items() if n not in tensors and b.dtype not in DTYPE_NAMES)
     grouped: list[tuple[str, list[list[TensorTask]]]] = []
     for block in blocks:
         if LAYER_PATTERN.match(block + ".") is None:
@@ -480,8 +486,17 @@ def make_plan(
         {n.removesuffix(".weight") for n in tensors if n.removesuffix(".weight") in layout.linear_modules
          and n not in quantized} | {"lm_head"}
     )
+    notes = []
+    if skipped:
+        notes.append(f"skipped       {len(skipped)} tensors that {layout.class_name} drops on load too "
+                     f"(first: {skipped[0]})")
+    oversized = [b for b, _ in grouped if sum(u.out_bytes for u in members_of[b]) > max_shard_size]
+    if oversized:
+        notes.append(f"large shards  {len(oversized)} layers exceed --max-shard-size on their own (first: "
+                     f"{oversized[0]}); a layer is never split across shards, so their shards are larger")
     return Plan(source, config, units, shards, model_config, source.assets(), not_converted, max_shard_size,
-                worker_memory, _kinds(layout, tensors, units), fmt)
+                worker_memory, _kinds(layout, tensors, units), source_format=fmt, unwritten_buffers=unwritten,
+                notes=notes)
 
 
 def _layer_key(block: str) -> tuple[str, int]:
@@ -490,10 +505,11 @@ def _layer_key(block: str) -> tuple[str, int]:
 
 
 def _split(source: Source, block: str, tasks: list[TensorTask], budget: int) -> list[list[TensorTask]]:
-    """A layer's tasks as one unit, or, when that exceeds ``budget``, as its other tensors followed by
-    consecutive groups of experts, each group as large as fits (the first shared with the others)."""
-    if _memory(tasks) <= budget:
-        return [tasks]
+    """A layer's tasks as one unit, or, when a mixture-of-experts layer exceeds ``budget``, as its other
+    tensors followed by consecutive groups of experts, each group as large as fits (the first shared
+    with the others). The other tensors are never split: a group holding them may exceed the budget."""
+    if _memory(tasks) <= budget or all(t.expert is None for t in tasks):
+        return [tasks]  # a dense layer is one unit, as it always was: only experts are split
     rest = [t for t in tasks if t.expert is None]
     experts: dict[int, list[TensorTask]] = {}
     for t in tasks:
@@ -511,11 +527,9 @@ def _split(source: Source, block: str, tasks: list[TensorTask], budget: int) -> 
         held[-1] += more
         largest[-1] = max(largest[-1], size)
     for g, h, big in zip(groups, held, largest):
-        if _peak(h, big) > budget:
-            what = (f"expert {g[-1].expert}" if g and all(t.expert == g[-1].expert for t in g)
-                    else "its tensors other than experts")
-            raise PlanError(f"{source.spec}: {block} needs {_gb(_peak(h, big))} of worker memory for {what}, "
-                            f"more than --worker-memory {_gb(budget)}; raise --worker-memory")
+        if _peak(h, big) > budget and g and all(t.expert == g[-1].expert for t in g):
+            raise PlanError(f"{source.spec}: {block} needs {_gb(_peak(h, big))} of worker memory for expert "
+                            f"{g[-1].expert} alone, more than --worker-memory {_gb(budget)}; raise --worker-memory")
     return [g for g in groups if g]
 
 

@@ -95,7 +95,7 @@ class Assembler:
         names = plan.shard_names
         weight_map = {o.name: names[s] for s, units in enumerate(plan.shards) for u in units for o in plan.units[u].outputs}
         leaves = [leaf for u in plan.units for leaf in self.results[u.index].sidecar]
-        problem = output_problem(plan.model_config, list(weight_map), leaves)
+        problem = output_problem(plan.model_config, list(weight_map), leaves, plan.unwritten_buffers)
         if problem is not None:
             raise UnloadableOutput(f"{plan.source.spec}: the output would not load, so it is not committed: {problem}")
         self._put_json(INDEX_NAME, {
