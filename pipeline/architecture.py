@@ -129,20 +129,21 @@ def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _routes(name: str, linear: nn.Linear, experts_modules: dict[str, nn.Module]) -> bool:
+def _routes(name: str, linear: nn.Linear, blocks: dict[str, tuple[str, int]]) -> bool:
     """Whether a Linear routes or gates for a mixture of experts, and so is kept: it sits directly
     beside an experts module (``shared_expert_gate``), or inside a module beside one and scores
-    one output per expert (Gemma 4's ``router.proj``). A Linear inside a transformers ``*Router``
-    module (DBRX's ``router.layer``) is kept as well, experts module or not."""
-    parent = name.rpartition(".")[0]
-    for experts_name, module in experts_modules.items():
-        block = experts_name.rpartition(".")[0]
-        if parent == block:
-            return True
-        count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
-        inside = name.startswith(f"{block}.") if block else True
-        if inside and not name.startswith(f"{experts_name}.") and linear.out_features == count:
-            return True
+    one output per expert (Gemma 4's ``router.proj``). ``blocks`` maps each module holding an
+    experts module to that module's name and expert count. A Linear inside a transformers
+    ``*Router`` module (DBRX's ``router.layer``) is kept as well, experts module or not."""
+    parts = name.split(".")
+    if ".".join(parts[:-1]) in blocks:
+        return True
+    for depth in range(len(parts) - 1):
+        block = ".".join(parts[:depth])
+        if block in blocks:
+            experts_name, count = blocks[block]
+            if not name.startswith(f"{experts_name}.") and linear.out_features == count:
+                return True
     return False
 
 
@@ -158,15 +159,18 @@ def model_layout(model_config: dict) -> ModelLayout:
         model.tie_weights()  # as the loader does: a tied head needs no tensor of its own
     experts_modules = expert_modules(model)
     experts: dict[str, ExpertWeights] = {}
+    counts: dict[str, int] = {}  # experts module -> its number of experts
     for mname, module in experts_modules.items():
         transposed = experts_transposed(module)
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() == 3 and p.is_floating_point():
                 name = f"{mname}.{pname}"
                 experts[name] = ExpertWeights(name, p.shape[0], (p.shape[1], p.shape[2]), transposed)
+                counts[mname] = p.shape[0]
     routers = [name for name, m in model.named_modules() if "Router" in type(m).__name__]
+    blocks = {m.rpartition(".")[0]: (m, count) for m, count in counts.items()}
     linear = {f"{name}.weight": tuple(m.weight.shape) for name, m in model.named_modules()
-              if type(m) is nn.Linear and not _routes(name, m, experts_modules)
+              if type(m) is nn.Linear and not _routes(name, m, blocks)
               and not any(name.startswith(f"{r}.") for r in routers)}
     groups: dict[int, list[str]] = {}
     kinds: dict[str, str] = {}

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import moe_models
 from pipeline.architecture import expert_modules, experts_transposed
@@ -20,7 +19,7 @@ from pipeline.job.run import run_job
 from pipeline.loader import load_quantized, load_source
 from pipeline.output.layout import SIDECAR_NAME
 from pipeline.sources import open_source
-from pipeline_checks import file_bytes
+from pipeline_checks import file_bytes, read_dir_tensors
 from sinq_ops import QuantConfig, SINQExperts, quantize
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -34,14 +33,6 @@ def _job(src: Path, out: Path, **settings) -> dict:
     opts = JobOptions.from_settings({"model": str(src), "out": str(out), "group_size": CONFIG.group_size,
                                      "workers": 2, **settings})
     return run_job(opts, log=lambda _: None)
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _in_memory(src: Path, leaves: list[str]) -> torch.nn.Module:
@@ -91,7 +82,7 @@ def test_family_quantizes_loads_and_computes_the_in_memory_quantized_model(famil
     # ... and it is a quantized model, not the float one.
     assert (got - _logits(load_source(str(src)))).abs().max() > 1e-3
 
-    source, output = _tensors(src), _tensors(out)
+    source, output = read_dir_tensors(src), read_dir_tensors(out)
     gates = [n for n in source if any(g in n for g in GATES)]
     assert gates
     for name in gates:  # same bytes, under the model's name for it (Mixtral's block_sparse_moe is mlp)
@@ -128,8 +119,8 @@ def test_dry_run_shows_per_kind_of_module_what_is_quantized_and_kept(tmp_path: P
 def test_both_expert_layouts_give_the_same_output(tmp_path: Path) -> None:
     per_expert = moe_models.save("qwen3_moe", tmp_path / "hub", seed=3)
     fused = moe_models.save("qwen3_moe", tmp_path / "fused", fused=True, seed=3)
-    assert any(".experts.0.gate_proj." in n for n in _tensors(per_expert))
-    assert any(n.endswith(".experts.gate_up_proj") for n in _tensors(fused))
+    assert any(".experts.0.gate_proj." in n for n in read_dir_tensors(per_expert))
+    assert any(n.endswith(".experts.gate_up_proj") for n in read_dir_tensors(fused))
     _job(per_expert, tmp_path / "a")
     _job(fused, tmp_path / "b")
     a, b = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b")

@@ -23,6 +23,7 @@ from pipeline.job.run import run_job
 from pipeline.loader import load_quantized, load_source
 from pipeline.output.layout import SIDECAR_NAME
 from pipeline.output.manifest import MANIFEST_NAME
+from pipeline_checks import read_dir_tensors
 from sinq_ops import QuantConfig, quantize
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -109,9 +110,7 @@ def test_fp8_source_is_dequantized_before_sinq(tmp_path: Path, dtype, block, per
     name = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(source.get_parameter(name).detach(), true[name])  # the loader reads the format as the test does
 
-    written = {}
-    for shard in out.glob("model-*.safetensors"):
-        written.update(load_file(shard))
+    written = read_dir_tensors(out)
     assert not any(n.endswith("_scale_inv") for n in written)
     assert written["model.embed_tokens.weight"].dtype == torch.bfloat16
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -198,9 +197,7 @@ def test_mxfp4_experts_are_dequantized_before_sinq(tmp_path: Path) -> None:
     manifest = run_job(JobOptions.from_settings({"model": str(src), "out": str(out), "group_size": 32, "workers": 2}),
                        log=lambda _: None)
     assert manifest["source"]["format"] == {"method": "mxfp4", "weight_block_size": None}
-    written = {}
-    for shard in out.glob("model-*.safetensors"):
-        written.update(load_file(shard))
+    written = read_dir_tensors(out)
     assert not any(n.endswith(("_blocks", "_scales")) for n in written)
     errors = {t["name"]: t["rel_error"] for t in manifest["tensors"]}
     expert = quantize(true[3].t().contiguous(), **CONFIG.to_dict())
@@ -228,9 +225,7 @@ def test_fp8_mixture_of_experts_dequantizes_each_expert_before_joining_gate_and_
     manifest = run_job(JobOptions.from_settings({"model": str(src), "out": str(out), "group_size": 32, "workers": 2}),
                        log=lambda _: None)
     assert max(t["rel_error"] for t in manifest["tensors"]) < 0.15
-    written = {}
-    for shard in out.glob("model-*.safetensors"):
-        written.update(load_file(shard))
+    written = read_dir_tensors(out)
     assert written["model.layers.0.mlp.gate.weight"].dtype == torch.float32  # the router, kept as it was
     leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
     got, want = moe_logits(load_quantized(str(out))), moe_logits(_in_memory(src, leaves))

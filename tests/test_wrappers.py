@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from pipeline.job.options import JobOptions
 from pipeline.job.run import run_job
 from pipeline.loader import load_quantized, load_source
 from pipeline.output.layout import SIDECAR_NAME
+from pipeline_checks import read_dir_tensors
 from test_moe import _in_memory
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -45,14 +45,6 @@ def _config(family: str):
                            image_size=28, patch_size=14), mm_tokens_per_image=4)
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "llama4"])
 def test_wrapper_keeps_its_vision_tower_and_loads_as_the_class_it_names(family: str, tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText
@@ -65,7 +57,7 @@ def test_wrapper_keeps_its_vision_tower_and_loads_as_the_class_it_names(family: 
                                       "workers": 2}), log=lambda _: None)
     leaves = json.loads((out / SIDECAR_NAME).read_text())
     assert len(leaves) >= 2 * 7 and all("language_model." in leaf for leaf in leaves)
-    written = _tensors(out)
+    written = read_dir_tensors(out)
     vision = [n for n in written if n.startswith(("model.visual.", "model.vision_tower.", "vision_model."))]
     assert vision and not any(n.endswith(".W_q") for n in vision)
 
