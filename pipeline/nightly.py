@@ -148,7 +148,12 @@ def run_nightly(
                 log(f"skipped  {entry.repo}@{resolved.commit[:12]} {cfg.name}: already complete")
                 continue
             row["new"] = True
-            lock = locks.acquire(out, watch.lock_ttl_s)
+            try:
+                lock = locks.acquire(out, watch.lock_ttl_s)
+            except (OSError, ValueError) as exc:  # a store that cannot lock, or cannot be reached
+                row.update(status="failed", reason=_one_line(exc))
+                log(f"failed   {entry.repo}@{resolved.commit[:12]} {cfg.name}: {row['reason']}")
+                continue
             if not isinstance(lock, locks.Lock):
                 row.update(status="skipped", reason=f"locked by another run ({lock.get('owner')})")
                 log(f"skipped  {entry.repo}@{resolved.commit[:12]} {cfg.name}: {row['reason']}")

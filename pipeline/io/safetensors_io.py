@@ -125,7 +125,9 @@ def tensor_from_bytes(info: TensorInfo, data: bytes | bytearray | memoryview) ->
         raise SafetensorsError(f"tensor {info.name!r}: read {len(data)} bytes, expected {info.nbytes}")
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    return torch.frombuffer(bytearray(data), dtype=info.torch_dtype).reshape(info.shape)
+    # A writable buffer (a ranged read's) is used in place; read-only bytes are copied once.
+    buf = data if isinstance(data, (bytearray, memoryview)) and not memoryview(data).readonly else bytearray(data)
+    return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -154,6 +156,21 @@ def aligned_order(tensors: Iterable[PlannedTensor]) -> list[PlannedTensor]:
     """Largest item size first, otherwise in the given order: every tensor lands aligned."""
     items = list(tensors)
     return sorted(items, key=lambda t: -t.dtype.itemsize)
+
+
+def grouped_order(groups: Iterable[Iterable[PlannedTensor]]) -> list[PlannedTensor] | None:
+    """The tensors group after group, each group in ``aligned_order``, when every tensor then still
+    lands aligned to its item size; else None. A shard laid out this way holds each unit's staged
+    bytes as one contiguous run, which the store can copy whole."""
+    out: list[PlannedTensor] = []
+    pos = 0
+    for group in groups:
+        for t in aligned_order(group):
+            if pos % t.dtype.itemsize:
+                return None
+            out.append(t)
+            pos += t.nbytes
+    return out
 
 
 def header_bytes(tensors: list[PlannedTensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -7,6 +7,8 @@ Only non-secret options (endpoint, profile name) travel with a location.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import uuid
@@ -16,6 +18,9 @@ from typing import BinaryIO, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from .multipart import MAX_PARTS, Extent, ParallelUpload, compose, plan_parts
+from .ranges import read_ranges
 
 # Marks a local file still being written; it gets its final name only once complete.
 PARTIAL = ".partial-"
@@ -27,8 +32,21 @@ class StorageOptions:
 
     endpoint_url: str | None = None
     profile: str | None = None
-    part_size: int = 64 * 1024 * 1024  # object-store uploads above this go up in parts of this size
+    part_size: int = 16 * 1024 * 1024  # object-store uploads above this go up in parts of this size
     max_attempts: int = 10  # per request, with exponential backoff, for throttling and server errors
+    # Requests in flight at once per transfer (a unit's ranged reads, an upload's parts, a shard's
+    # copies), and the size of each ranged read: a store scales with connections, not with one.
+    concurrency: int = 16
+    range_size: int = 8 * 1024 * 1024
+    # Shards assembled from the staged units by the store itself (S3 UploadPartCopy, a local
+    # copy_file_range) instead of streaming every byte through the reducer.
+    server_side_copy: bool = True
+
+    def __post_init__(self) -> None:
+        for name, low in (("concurrency", 1), ("range_size", 64 * 1024), ("part_size", 5 * 1024 * 1024),
+                          ("max_attempts", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"storage option {name} must be at least {low}, got {getattr(self, name)}")
 
     def for_protocol(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):
@@ -39,7 +57,10 @@ class StorageOptions:
             opts["endpoint_url"] = endpoint
         if self.profile:
             opts["profile"] = self.profile
-        opts["config_kwargs"] = {"retries": {"max_attempts": self.max_attempts, "mode": "standard"}}
+        # botocore's pool holds 10 connections by default, which would cap every transfer at 10
+        # requests in flight; a worker may read one unit and upload another at once.
+        opts["config_kwargs"] = {"retries": {"max_attempts": self.max_attempts, "mode": "standard"},
+                                 "max_pool_connections": 2 * self.concurrency + 4}
         return opts
 
 
@@ -93,22 +114,46 @@ class Location:
         return fs.cat_file(f"{root}/{name}")
 
     def read_range(self, name: str, start: int, nbytes: int) -> bytes:
-        if nbytes == 0:
-            return b""
-        fs, root = self._fs()
-        data = fs.cat_file(f"{root}/{name}", start=start, end=start + nbytes)
-        if len(data) != nbytes:
-            raise OSError(f"{self.url}/{name}: short read at offset {start} ({len(data)} of {nbytes} bytes)")
-        return data
+        return bytes(self.read_ranges(name, [(start, nbytes)])[0])
 
-    def sha256(self, name: str, chunk: int = 16 * 1024 * 1024) -> str:
-        """Streamed sha256 of a file, without holding it in memory."""
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[memoryview]:
+        """The bytes of each ``(start, nbytes)`` range of ``name`` (``read_many``)."""
+        return self.read_many([(name, s, n) for s, n in ranges])
+
+    def read_many(self, requests: list[tuple[str, int, int]]) -> list[memoryview]:
+        """The bytes of each ``(name, start, nbytes)`` request, fetched as concurrent requests of at
+        most ``range_size`` bytes, ``concurrency`` in flight (``pipeline.io.ranges``)."""
         fs, root = self._fs()
-        digest = hashlib.sha256()
-        with fs.open(f"{root}/{name}", "rb", block_size=chunk) as f:
-            while block := f.read(chunk):
-                digest.update(block)
-        return digest.hexdigest()
+        return read_ranges(fs, [(f"{root}/{n}", s, b) for n, s, b in requests], concurrency=self.options.concurrency,
+                           range_size=self.options.range_size,
+                           label=lambda path: f"{self.url}/{path[len(root) + 1:]}")
+
+    def sha256(self, name: str) -> str:
+        """Streamed sha256 of a file, without holding it in memory."""
+        return self.digests(name, [])[0]
+
+    def digests(self, name: str, cuts: list[int]) -> tuple[str, list[str]]:
+        """The sha256 of the whole file and of each segment between the offsets ``cuts`` (sorted,
+        inside the file), from one pass of concurrent ranged reads: what checks that a file
+        assembled by the store holds the bytes it was given."""
+        size = self.size(name)
+        bounds = [0, *cuts, size]
+        whole = hashlib.sha256()
+        segments = [hashlib.sha256() for _ in bounds[1:]]
+        window = self.options.concurrency * self.options.range_size
+        seg = 0
+        for start in range(0, size, window):
+            [block] = self.read_ranges(name, [(start, min(window, size - start))])
+            pos = start
+            while pos < start + len(block):
+                while bounds[seg + 1] <= pos:
+                    seg += 1
+                end = min(bounds[seg + 1], start + len(block))
+                piece = block[pos - start:end - start]
+                whole.update(piece)
+                segments[seg].update(piece)
+                pos = end
+        return whole.hexdigest(), [d.hexdigest() for d in segments[:len(cuts) + 1]] if cuts else []
 
     def list(self, prefix: str = "") -> list[str]:
         """Names of files directly under ``prefix`` (relative to this location)."""
@@ -128,7 +173,8 @@ class Location:
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Write ``name`` only if it does not exist yet, atomically; False if it already did.
 
-        Local files use O_EXCL; S3 uses a conditional PUT (If-None-Match: *)."""
+        Local files use O_EXCL; S3 a conditional PUT (``If-None-Match: *``). Stores answer a lost
+        race with 412 Precondition Failed, some (SeaweedFS) without saying which condition failed."""
         fs, root = self._fs()
         path = f"{root}/{name}"
         if self.is_local:
@@ -139,13 +185,91 @@ class Location:
             except FileExistsError:
                 return False
             return True
-        if _protocol(self.url) not in ("s3", "s3a"):
-            raise ValueError(f"{self.url}: exclusive creation needs a local path or s3://")
+        self._need_s3("exclusive creation")
         try:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
         return True
+
+    def read_tagged(self, name: str) -> tuple[bytes, str] | None:
+        """The bytes of ``name`` and a tag that changes whenever it is rewritten (the S3 ETag, a local
+        file's sha256); None when it does not exist."""
+        fs, root = self._fs()
+        path = f"{root}/{name}"
+        if self.is_local:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+            return data, hashlib.sha256(data).hexdigest()
+        self._need_s3("tagged reads")
+        from fsspec.asyn import sync
+
+        bucket, key, _ = fs.split_path(path)
+        try:
+            out = sync(fs.loop, fs._call_s3, "get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        body = out["Body"]
+        try:
+            data = sync(fs.loop, body.read)
+        finally:
+            body.close()
+        return data, out["ETag"]
+
+    def replace_if(self, name: str, data: bytes | None, tag: str) -> bool:
+        """Replace ``name`` with ``data`` (or remove it, for None) only while it still has ``tag``
+        (``read_tagged``); False when it changed or went. On S3 a PUT or DELETE with ``If-Match``;
+        locally the check and the change run under an flock on the file itself, and a racer that
+        waited for it finds the name pointing at another file."""
+        fs, root = self._fs()
+        path = f"{root}/{name}"
+        if self.is_local:
+            try:
+                f = open(path, "rb")
+            except FileNotFoundError:
+                return False
+            with f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # held until the change is made: racers queue here
+                try:
+                    same_file = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+                except FileNotFoundError:
+                    return False
+                if not same_file or hashlib.sha256(f.read()).hexdigest() != tag:
+                    return False
+                if data is None:
+                    os.remove(path)
+                else:
+                    self.write_bytes(name, data)  # a new file renamed over this one: a racer's check then fails
+                return True
+        self._need_s3("conditional writes")
+        from fsspec.asyn import sync
+
+        bucket, key, _ = fs.split_path(path)
+        try:
+            if data is None:
+                sync(fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=tag)
+            else:
+                sync(fs.loop, fs._call_s3, "put_object", Bucket=bucket, Key=key, Body=data, IfMatch=tag)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        finally:
+            fs.invalidate_cache(path)
+        return True
+
+    def _need_s3(self, what: str) -> None:
+        if _protocol(self.url) not in ("s3", "s3a"):
+            raise ValueError(f"{self.url}: {what} needs a local path or s3://")
 
     def remove_partials(self) -> None:
         """Remove the unfinished files that writers killed mid-write left directly under this location.
@@ -186,7 +310,10 @@ class Location:
                 if os.path.exists(tmp):
                     os.remove(tmp)
             return
-        f = fs.open(path, "wb", block_size=self.options.part_size)
+        if _protocol(self.url) in ("s3", "s3a"):
+            f = ParallelUpload(fs, path, part_size=self.options.part_size, concurrency=self.options.concurrency)
+        else:
+            f = fs.open(path, "wb", block_size=self.options.part_size)
         try:
             yield f
         except BaseException:
@@ -195,3 +322,75 @@ class Location:
             raise
         f.close()
         fs.invalidate_cache(path)
+
+    def compose(self, name: str, pieces: list[bytes | tuple[str, int, int]]) -> int:
+        """Write ``name`` from ``pieces``: byte strings, and ``(other, start, nbytes)`` ranges of other
+        files at this location. Returns how many bytes passed through this process.
+
+        With ``server_side_copy`` the ranges never do: on S3 they become ``UploadPartCopy`` parts
+        (``pipeline.io.multipart``), on a local filesystem ``os.copy_file_range`` (a reflink or an
+        in-kernel copy). Elsewhere, or with it off, they are read and streamed. Either way the file
+        appears whole or not at all."""
+        fs, root = self._fs()
+        protocol = _protocol(self.url)
+        if self.options.server_side_copy and protocol in ("s3", "s3a"):
+            parts = plan_parts([p if isinstance(p, bytes) else Extent(f"{root}/{p[0]}", p[1], p[2]) for p in pieces])
+            if len(parts) <= MAX_PARTS:
+                return compose(fs, f"{root}/{name}", parts, self._read_extent, concurrency=self.options.concurrency)
+        sent = 0
+        with self.open_write(name) as f:
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    f.write(piece)
+                    sent += len(piece)
+                elif self.is_local and self.options.server_side_copy:
+                    _copy_local(f, f"{root}/{piece[0]}", piece[1], piece[2])
+                else:
+                    for start in range(piece[1], piece[1] + piece[2], self.options.range_size * self.options.concurrency):
+                        block = self.read_range(piece[0], start, min(self.options.range_size * self.options.concurrency,
+                                                                     piece[1] + piece[2] - start))
+                        f.write(block)
+                        sent += len(block)
+        return sent
+
+    def _read_extent(self, ext: Extent) -> bytes:
+        fs, root = self._fs()
+        return bytes(self.read_range(ext.path[len(root) + 1:], ext.start, ext.nbytes))
+
+
+def _copy_local(f: BinaryIO, source: str, start: int, nbytes: int) -> None:
+    """Append ``nbytes`` of ``source`` from ``start`` to the open file ``f``, in the kernel where it can."""
+    f.flush()
+    pos = f.tell()
+    with open(source, "rb") as src:
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src.fileno(), f.fileno(), nbytes - done, start + done, pos + done)
+                if n == 0:
+                    raise OSError(f"{source}: ends before offset {start + nbytes}")
+                done += n
+        except (AttributeError, OSError) as exc:  # no copy_file_range here, or not across these filesystems
+            if isinstance(exc, OSError) and exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                                               errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            src.seek(start + done)
+            f.seek(pos + done)
+            while done < nbytes:
+                block = src.read(min(16 * 1024 * 1024, nbytes - done))
+                if not block:
+                    raise OSError(f"{source}: ends before offset {start + nbytes}") from None
+                f.write(block)
+                done += len(block)
+    f.seek(pos + nbytes)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether the store answered 412 Precondition Failed (s3fs keeps the botocore error as the cause)."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and (response.get("Error", {}).get("Code") == "PreconditionFailed"
+                                           or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

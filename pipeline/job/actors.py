@@ -1,7 +1,9 @@
 """Long-lived Ray actors: quantize workers, and the reducer that holds the reduce stage's ``Assembler``.
 
 A worker process starts once (importing torch costs seconds) and then takes unit after
-unit; Ray restarts a worker that dies and retries the unit it held.
+unit; Ray restarts a worker that dies and retries the units it held. A worker runs two calls
+at once: while one quantizes (under ``compute``, one at a time), the other reads the next unit's
+bytes, so the network and the quantizer work side by side.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import threading
 
 import ray
 import torch
@@ -22,7 +25,7 @@ from .reduce import Assembler
 from .unit import UnitResult, process_unit
 
 
-@ray.remote(max_restarts=3, max_task_retries=3)
+@ray.remote(max_restarts=3, max_task_retries=3, max_concurrency=2)
 class QuantizeWorker:
     def __init__(self, source: Source, config: QuantConfig, staging: Location, threads: int) -> None:
         self.source = source
@@ -32,9 +35,10 @@ class QuantizeWorker:
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         node = ray.get_runtime_context().get_node_id()[:8]
         self.where = f"{socket.gethostname()}/{node}/pid{os.getpid()}/{self.device}"
+        self.compute = threading.Lock()
 
     def process(self, unit: Unit) -> UnitResult:
-        result = process_unit(self.source, unit, self.config, self.staging, self.device)
+        result = process_unit(self.source, unit, self.config, self.staging, self.device, self.compute)
         result.worker = self.where
         # The process's high-water mark so far (Linux reports KiB): what the plan's memory bound is checked against.
         result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

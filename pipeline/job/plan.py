@@ -181,6 +181,15 @@ class Plan:
         """Peak host memory of one worker: the largest of its units' (``Unit.memory_bytes``)."""
         return max((u.memory_bytes(gpu) for u in self.units), default=0)
 
+    def read_ahead_bytes(self) -> int:
+        """What a worker holds besides its current unit while it reads the next: that unit's source bytes."""
+        return max((u.in_bytes for u in self.units), default=0)
+
+    def read_ahead_fits(self, gpu: bool = False) -> bool:
+        """Whether a unit and the next one's source bytes fit ``worker_memory`` together (else a
+        worker reads each unit only once the one before is done)."""
+        return self.worker_memory_bytes(gpu) + self.read_ahead_bytes() <= self.worker_memory
+
     def gpu_memory_bytes(self) -> int:
         """Peak GPU memory of one GPU worker, its CUDA context aside: the largest weight on the device,
         what the kernels allocate for it, and the error check's unpacked codes (a byte per weight) and row blocks."""
@@ -206,6 +215,9 @@ class Plan:
             f"worker memory {self.worker_memory_bytes() / gb:.3f} GB peak per CPU worker; per GPU worker "
             f"{self.worker_memory_bytes(gpu=True) / gb:.3f} GB host, {self.gpu_memory_bytes() / gb:.3f} GB GPU "
             "(plus its CUDA context)",
+            f"read-ahead    the next unit's {self.read_ahead_bytes() / gb:.3f} GB of source bytes while one quantizes: "
+            f"{'on' if self.read_ahead_fits() else 'off'} for CPU workers, "
+            f"{'on' if self.read_ahead_fits(gpu=True) else 'off'} for GPU workers (on only within --worker-memory)",
             f"not converted {', '.join(self.not_converted) or '-'}",
             f"assets        {', '.join(self.assets) or '-'}",
             "",

@@ -11,11 +11,10 @@ import json
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util import ActorPool
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..io.storage import Location
@@ -124,6 +123,28 @@ def _stop(actors: list) -> None:
             pass
 
 
+def _dispatch(workers: list, units: list, depth: int) -> Iterator:
+    """Results of ``units`` as they finish, each worker holding up to ``depth`` units at a time (the
+    one it quantizes and the one it reads meanwhile); a finished unit's worker gets the next."""
+    queue = iter(units)
+    pending: dict = {}
+
+    def submit(actor) -> None:
+        unit = next(queue, None)
+        if unit is not None:
+            pending[actor.process.remote(unit)] = actor
+
+    for _ in range(depth):
+        for actor in workers:
+            submit(actor)
+    while pending:
+        [ready], _ = ray.wait(list(pending), num_returns=1)
+        actor = pending.pop(ready)
+        result = ray.get(ready)
+        submit(actor)
+        yield result
+
+
 def _unwrap(exc: Exception) -> str:
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
     lines = [line for line in str(cause).strip().splitlines() if line.strip()]
@@ -166,10 +187,13 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     reused = 0
     progress = Progress(len(plan.units), plan.in_bytes, len(workers), log)
     done = False
+    gpu = bool(ray.cluster_resources().get("GPU", 0.0))
+    depth = 2 if plan.read_ahead_fits(gpu) else 1
+    if depth == 1:
+        log(f"no read-ahead: a unit and the next one's source bytes need "
+            f"{(plan.worker_memory_bytes(gpu) + plan.read_ahead_bytes()) / 1e9:.2f} GB, more than --worker-memory")
     try:
-        pool = ActorPool(workers)
-        results = pool.map_unordered(lambda actor, unit: actor.process.remote(unit), plan.units)
-        for result in results:
+        for result in _dispatch(workers, plan.units, depth):
             pending_adds.append(reducer.add.remote(result))
             reused += result.reused
             seconds = result.read_s + result.quantize_s + result.write_s

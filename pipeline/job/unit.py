@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,6 +55,13 @@ class UnitResult:
     worker: str = ""
     peak_rss: int = 0  # the worker process's peak resident memory after this unit, in bytes
     reused: bool = False  # staged by an earlier run of the same job and verified, not quantized again
+    # sha256 of the tensor data after the staged file's header: the run a shard holds for this unit,
+    # which the reducer checks once the store has assembled the shard.
+    data_sha256: str = ""
+
+    @property
+    def data_start(self) -> int:
+        return min((start for start, _ in self.offsets.values()), default=self.size)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -79,18 +87,34 @@ def staged_result(unit: Unit, staging: Location) -> UnitResult | None:
         result = UnitResult.from_json(staging.read_bytes(record_name).decode())
     except (ValueError, KeyError, TypeError):
         return None
-    if (result.index, result.name) != (unit.index, unit.name) or staging.size(data_name) != result.size:
+    if ((result.index, result.name) != (unit.index, unit.name) or not result.data_sha256
+            or staging.size(data_name) != result.size):
         return None
     return result if staging.sha256(data_name) == result.sha256 else None
 
 
-def read_task(source: Source, task: TensorTask) -> torch.Tensor:
-    """The tensor ``task`` is made of: computed at plan time, one checkpoint tensor, or its pieces
-    (each read by its own byte range) joined in order. FP8 pieces come back as the float32 weights
-    they encode, and a copied task in its planned dtype."""
+def read_unit(source: Source, unit: Unit) -> list[list[torch.Tensor]]:
+    """The source bytes of every task of ``unit``, fetched together as concurrent ranged reads:
+    per task, per piece, the stored tensor and (FP8, MXFP4) its scale. Nothing is decoded yet, so
+    a unit read ahead holds its source bytes (``Unit.in_bytes``) and no more."""
+    stored = [[item for p in task.pieces for item in _stored(p)] if task.data is None else [] for task in unit.tasks]
+    raw = iter(source.read_tensors([item for items in stored for item in items]))
+    return [[next(raw) for _ in items] for items in stored]
+
+
+def _stored(piece: Piece) -> list[tuple[str, TensorInfo]]:
+    """The checkpoint tensors ``piece`` is decoded from, in the order ``assemble_task`` takes them."""
+    return [(piece.file, piece.info)] + ([(piece.scale_file, piece.scale)] if piece.scale is not None else [])
+
+
+def assemble_task(source: Source, task: TensorTask, raw: list[torch.Tensor]) -> torch.Tensor:
+    """The tensor ``task`` is made of, from its pieces as ``read_unit`` fetched them: computed at plan
+    time, one checkpoint tensor, or its pieces joined in order. FP8 and MXFP4 pieces come back as
+    the float32 weights they encode, and a copied task in its planned dtype."""
     if task.data is not None:
         return tensor_from_bytes(TensorInfo(task.name, task.dtype, task.shape, 0, len(task.data)), task.data)
-    parts = [_read_piece(source, p) for p in task.pieces]
+    stored = iter(raw)
+    parts = [_decode(source, p, next(stored), next(stored) if p.scale is not None else None) for p in task.pieces]
     tensor = parts[0] if len(parts) == 1 and tuple(parts[0].shape) == task.shape else (
         torch.cat([p.reshape(-1) for p in parts]).reshape(task.shape))
     if not task.quantize and tensor.dtype != DTYPES[task.dtype]:
@@ -98,12 +122,10 @@ def read_task(source: Source, task: TensorTask) -> torch.Tensor:
     return tensor
 
 
-def _read_piece(source: Source, piece: Piece) -> torch.Tensor:
-    tensor = source.read_tensor(piece.file, piece.info)
-    if piece.scale is None:
+def _decode(source: Source, piece: Piece, tensor: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if scale is None:
         return tensor
     try:
-        scale = source.read_tensor(piece.scale_file, piece.scale)
         if piece.codes == "mxfp4":  # codes hold [..., out, in]; the parameter stores [..., in, out]
             return dequantize_mxfp4(tensor, scale).transpose(-1, -2)
         return dequantize_fp8(tensor, scale, piece.block)
@@ -111,25 +133,39 @@ def _read_piece(source: Source, piece: Piece) -> torch.Tensor:
         raise UnitError(f"{source.spec}/{piece.file}: {piece.info.name}: {exc}") from None
 
 
-def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str) -> UnitResult:
+def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str,
+                 compute: AbstractContextManager = nullcontext()) -> UnitResult:
     """Quantize every tensor of ``unit`` that the plan marks, copy the rest, stage the result;
-    or take the result an earlier run staged, once it verifies."""
+    or take the result an earlier run staged, once it verifies.
+
+    The read runs outside ``compute`` and the rest inside it: a worker that holds a lock there can
+    read its next unit while it quantizes this one."""
     earlier = staged_result(unit, staging)
     if earlier is not None:
         earlier.reused = True
         return earlier
+    t0 = time.perf_counter()
+    raw = read_unit(source, unit)
+    read_s = time.perf_counter() - t0
+    with compute:
+        return _quantize_and_stage(source, unit, config, staging, device, raw, read_s)
+
+
+def _quantize_and_stage(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str,
+                        raw: list[list[torch.Tensor]], read_s: float) -> UnitResult:
     outputs: dict[str, torch.Tensor] = {}
     sidecar: dict[str, dict] = {}
     stats: list[TensorStats] = []
-    read_s = quant_s = 0.0
-    for task in unit.tasks:
+    quant_s = 0.0
+    for task, stored in zip(unit.tasks, raw):
         t0 = time.perf_counter()
         try:
-            tensor = read_task(source, task)
+            tensor = assemble_task(source, task, stored)
         except UnitError:
             raise
         except ValueError as exc:  # bytes that do not decode as planned: name the file and the tensor
             raise UnitError(f"{source.spec}/{task.file}: {task.source_name}: {exc}") from None
+        stored.clear()
         read_s += time.perf_counter() - t0
         if not task.quantize:
             outputs[task.name] = tensor
@@ -165,12 +201,20 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
 
     t0 = time.perf_counter()
     data_name, record_name = staged_names(unit)
-    digest = hashlib.sha256()
+    digest, data_digest = hashlib.sha256(), hashlib.sha256()
+
+    def data():
+        for p in planned:
+            chunk = tensor_bytes(outputs[p.name])
+            data_digest.update(chunk)
+            yield chunk
+
     with staging.open_write(data_name) as f:
-        size = write_stream(f, planned, (tensor_bytes(outputs[p.name]) for p in planned), digest.update)
+        size = write_stream(f, planned, data(), digest.update)
     write_s = time.perf_counter() - t0
     result = UnitResult(
         unit.index, unit.name, data_name, digest.hexdigest(), size, offsets, sidecar, stats, read_s, quant_s, write_s,
+        data_sha256=data_digest.hexdigest(),
     )
     staging.write_bytes(record_name, result.to_json().encode())
     return result

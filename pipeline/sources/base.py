@@ -78,7 +78,12 @@ class Source:
         return read_header(io.BytesIO(head + body), size, label)
 
     def read_tensor(self, name: str, info: TensorInfo) -> torch.Tensor:
-        return tensor_from_bytes(info, self.location.read_range(name, info.start, info.nbytes))
+        return self.read_tensors([(name, info)])[0]
+
+    def read_tensors(self, wanted: list[tuple[str, TensorInfo]]) -> list[torch.Tensor]:
+        """Several tensors, each ``(file, info)``, fetched together as concurrent ranged reads."""
+        views = self.location.read_many([(name, info.start, info.nbytes) for name, info in wanted])
+        return [tensor_from_bytes(info, view) for (_, info), view in zip(wanted, views)]
 
     def weight_files(self) -> list[str]:
         """The safetensors files holding the weights; pickle checkpoints are refused."""

@@ -142,6 +142,9 @@ class SyntheticSource(Source):
             pos += nbytes
         return out
 
+    def read_tensors(self, wanted: list[tuple[str, TensorInfo]]) -> list[torch.Tensor]:
+        return [self.read_tensor(name, info) for name, info in wanted]
+
     def read_tensor(self, name: str, info: TensorInfo) -> torch.Tensor:
         g = _generator(f"{self.seed}:{info.name}")
         if len(info.shape) == 1:
