@@ -126,7 +126,7 @@ def test_a_different_config_never_reuses_staged_units(checkpoint: Path, tmp_path
                          max_shard_size=opts.max_shard_size)
 
     plan = plan_of(first)
-    first_key = run_key(plan, first)
+    first_key = run_key(plan.source, first)
     staging = Location(str(out / ".staging" / first_key))
     for unit in plan.units[:3]:
         assert not process_unit(plan.source, unit, plan.config, staging, "cpu").reused
@@ -137,7 +137,7 @@ def test_a_different_config_never_reuses_staged_units(checkpoint: Path, tmp_path
     assert not any("resuming" in line for line in lines), lines
     assert manifest["timings"]["units_reused"] == 0
     assert manifest["quantization"]["bits"] == 3
-    assert manifest["run_key"] == run_key(plan_of(second), second) != first_key
+    assert manifest["run_key"] == run_key(plan_of(second).source, second) != first_key
 
 
 def test_throttling_and_dropped_connections_are_retried(s3, checkpoint: Path, clean: Path, tmp_path: Path) -> None:

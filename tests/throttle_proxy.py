@@ -47,11 +47,17 @@ class _Server(ThreadingHTTPServer):
 class ThrottleProxy:
     """Forwards to ``upstream`` at ``rate`` bytes/s per client connection in each direction, with
     ``latency`` seconds before each response. Counters: ``requests``, ``received`` (request body
-    bytes by method), ``sent`` (response body bytes), ``in_flight`` and ``peak_in_flight``."""
+    bytes by method), ``sent`` (response body bytes), ``in_flight`` and ``peak_in_flight``.
 
-    def __init__(self, upstream: str, rate: float = 20e6, latency: float = 0.02) -> None:
+    ``drop`` names request headers never forwarded: a store behind it then behaves like one that
+    ignores them (``if-none-match`` and ``if-match``: a store without conditional writes;
+    ``x-amz-copy-source-range``: one that copies whole objects into a part). Only an upstream that
+    does not check signatures (moto) accepts such requests."""
+
+    def __init__(self, upstream: str, rate: float = 20e6, latency: float = 0.02, drop: tuple[str, ...] = ()) -> None:
         self.upstream = urlparse(upstream)
         self.rate, self.latency = rate, latency
+        self.drop = {h.lower() for h in drop}
         self.lock = threading.Lock()
         self.in_flight = 0
         self.reset()
@@ -130,9 +136,10 @@ class ThrottleProxy:
                 if up.sock is not None and select.select([up.sock], [], [], 0)[0]:
                     up.close()  # an idle connection that reads as ready was closed upstream; reopen
                 named = {h.strip().lower() for h in self.headers.get("Connection", "").split(",")}
-                drop = HOP_BY_HOP | named | {"host", "expect"}
+                # Host goes through as the client sent it: S3 signatures (SigV4) cover it.
+                drop = HOP_BY_HOP | named | {"host", "expect"} | proxy.drop
                 up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-                up.putheader("Host", f"{host}:{port}")
+                up.putheader("Host", self.headers.get("Host", f"{host}:{port}"))
                 for k, v in self.headers.items():
                     if k.lower() not in drop:
                         up.putheader(k, v)

@@ -32,6 +32,17 @@ class UnloadableOutput(ValueError):
     """The assembled output would not load into its model; nothing after the shards is written."""
 
 
+def check_plan(plan: Plan, leaves: list[str] | None = None) -> None:
+    """Raise ``UnloadableOutput`` unless the output the plan lays out, with ``leaves`` quantized (by
+    default the planned ones), loads into its model. The driver runs it once the plan is made,
+    before any unit is quantized; the reducer again only if the units quantized other leaves."""
+    names = [o.name for u in plan.units for o in u.outputs]
+    leaves = [t.leaf for t in plan.quantized] if leaves is None else leaves
+    problem = output_problem(plan.model_config, names, leaves, plan.unwritten_buffers)
+    if problem is not None:
+        raise UnloadableOutput(f"{plan.source.spec}: the output would not load, so it is not committed: {problem}")
+
+
 class Assembler:
     """The reducer's state: staged units in, final files out, in the plan's order."""
 
@@ -45,6 +56,7 @@ class Assembler:
         self.owner = {o.name: u.index for u in plan.units for o in u.outputs}
         self.assembly_s = 0.0
         self.sent_bytes = 0  # tensor and header bytes this process uploaded for the shards
+        self.planned_leaves = sorted(t.leaf for t in plan.quantized)
 
     def add(self, result: UnitResult) -> list[str]:
         """Take a finished unit; returns the shards this completed and wrote."""
@@ -127,9 +139,8 @@ class Assembler:
         names = plan.shard_names
         weight_map = {o.name: names[s] for s, units in enumerate(plan.shards) for u in units for o in plan.units[u].outputs}
         leaves = [leaf for u in plan.units for leaf in self.results[u.index].sidecar]
-        problem = output_problem(plan.model_config, list(weight_map), leaves, plan.unwritten_buffers)
-        if problem is not None:
-            raise UnloadableOutput(f"{plan.source.spec}: the output would not load, so it is not committed: {problem}")
+        if sorted(leaves) != self.planned_leaves:  # the driver checked the planned ones (check_plan)
+            check_plan(plan, leaves)
         self._put_json(INDEX_NAME, {
             "metadata": {"total_size": plan.out_bytes},
             "weight_map": dict(sorted(weight_map.items())),

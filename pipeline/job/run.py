@@ -20,12 +20,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..io.storage import Location
 from ..output.layout import tool_version
 from ..output.manifest import MANIFEST_NAME, IncompleteOutput, verify
-from ..sources import open_source
+from ..sources import Source, open_source
 from .actors import QuantizeWorker, Reducer
 from .errors import JobError
 from .options import JobOptions
 from .plan import Plan, make_plan
 from .progress import Progress
+from .reduce import check_plan
 from .unit import staged_names
 
 STAGING_DIR = ".staging"
@@ -33,9 +34,9 @@ logger = logging.getLogger(__name__)
 _STOP_WAIT_S = 30.0
 
 
-def run_key(plan: Plan, opts: JobOptions) -> str:
+def run_key(source: Source, opts: JobOptions) -> str:
     """Names the staging area: the same source, config and selection give the same key."""
-    ident = {"source": plan.source.identity, "config": plan.config.to_dict(), "include": list(opts.include),
+    ident = {"source": source.identity, "config": opts.quant.to_dict(), "include": list(opts.include),
              "exclude": list(opts.exclude), "max_shard_size": opts.max_shard_size, "tool": tool_version(),
              **({"include_towers": True} if opts.include_towers else {})}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -84,10 +85,23 @@ def _ensure_ray(opts: JobOptions) -> None:
     else:
         logger.info("starting a local Ray")
         # A fresh local Ray: never a cluster that a stale /tmp/ray record points at.
-        ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
+        # No dashboard: it costs a second of start-up, and the job logs its own progress.
+        ray.init(address="local", log_to_driver=True, include_dashboard=False,
+                 runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
 
 
-def _pool(plan: Plan, opts: JobOptions, staging: Location) -> list:
+def _plan(source: Source, opts: JobOptions) -> Plan:
+    plan = make_plan(source, opts.quant, include=list(opts.include), exclude=list(opts.exclude),
+                     max_shard_size=opts.max_shard_size, worker_memory=opts.worker_memory,
+                     include_towers=opts.include_towers)
+    if not opts.dry_run:
+        check_plan(plan)
+    logger.info("planned %d units in %d shards: %.3f GB in, %.3f GB out", len(plan.units), len(plan.shards),
+                plan.in_bytes / 1e9, plan.out_bytes / 1e9)
+    return plan
+
+
+def _pool(source: Source, opts: JobOptions, staging: Location, units: int) -> list:
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
     if gpus:
@@ -96,11 +110,11 @@ def _pool(plan: Plan, opts: JobOptions, staging: Location) -> list:
     else:
         n = opts.workers or max(1, int(resources.get("CPU", 1) // opts.cpus_per_worker))
         actor_opts = {"num_cpus": opts.cpus_per_worker}
-    n = min(n, len(plan.units))
+    n = min(n, units)
     logger.info("%d quantize workers, each %s (cluster: %s)", n, actor_opts, dict(resources))
     return [
         QuantizeWorker.options(**actor_opts, scheduling_strategy="SPREAD").remote(
-            plan.source, plan.config, staging, opts.cpus_per_worker
+            source, opts.quant, staging, opts.cpus_per_worker
         )
         for _ in range(n)
     ]
@@ -111,14 +125,18 @@ def _on_driver_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
-def _stop(actors: list) -> None:
-    """Kill the actors and wait until each is gone, so that none is still writing afterwards."""
+def _stop(actors: list, busy: bool = True) -> None:
+    """Kill the actors; when some may be ``busy`` (the job failed), wait until each is gone, so that
+    none is still writing afterwards. The wait is one call that fails once the actor is dead (not
+    retried: a killed actor is never restarted)."""
     logger.debug("stopping %d actors", len(actors))
     for actor in actors:
         ray.kill(actor, no_restart=True)
+    if not busy:
+        return
     for actor in actors:
         try:
-            ray.get(actor.__ray_ready__.remote(), timeout=_STOP_WAIT_S)
+            ray.get(actor.__ray_ready__.options(max_task_retries=0).remote(), timeout=_STOP_WAIT_S)
         except (RayActorError, GetTimeoutError):
             pass
 
@@ -155,32 +173,28 @@ def _unwrap(exc: Exception) -> str:
 def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     """Run the whole job; returns the manifest (or, on a dry run, the plan as a dict)."""
     t_start = time.perf_counter()
-    config = opts.quant
     source = open_source(opts.model, opts.storage)
-    plan = make_plan(source, config, include=list(opts.include), exclude=list(opts.exclude),
-                     max_shard_size=opts.max_shard_size, worker_memory=opts.worker_memory,
-                     include_towers=opts.include_towers)
-    logger.info("planned %d units in %d shards: %.3f GB in, %.3f GB out", len(plan.units), len(plan.shards),
-                plan.in_bytes / 1e9, plan.out_bytes / 1e9)
     if opts.dry_run:
+        plan = _plan(source, opts)
         log(plan.describe())
         return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes,
                 **plan.structure()}
 
     dest = Location(opts.out, opts.storage)
-    key = run_key(plan, opts)
+    key = run_key(source, opts)
     existing = _existing_output(dest, key, opts)
     if existing is not None:
         log(f"{dest.url} already holds this job's complete output; nothing to do")
         return existing
     staging = dest.child(f"{STAGING_DIR}/{key}")
     _probe(staging)
+    plan = _plan(source, opts)
+    _ensure_ray(opts)
+    workers = _pool(source, opts, staging, len(plan.units))
+    reducer = Reducer.options(num_cpus=0, scheduling_strategy=_on_driver_node()).remote(plan, dest, staging)
     staged = _staged_earlier(plan, staging)
     if staged:
         log(f"resuming: {staged} of {len(plan.units)} units were staged by an earlier run; workers reuse those that verify")
-    _ensure_ray(opts)
-    workers = _pool(plan, opts, staging)
-    reducer = Reducer.options(num_cpus=0, scheduling_strategy=_on_driver_node()).remote(plan, dest, staging)
     log(f"quantizing {plan.source.spec} -> {dest.url}: {len(plan.units)} units on {len(workers)} workers")
 
     pending_adds = []
@@ -208,7 +222,7 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
         logger.debug("the job failed", exc_info=exc)
         raise JobError(_unwrap(exc)) from None
     finally:
-        _stop([*workers, reducer])
+        _stop([*workers, reducer], busy=not done)
         if not done:
             # A worker given its next unit just before the failure may have been killed mid-write.
             staging.remove_partials()
