@@ -7,7 +7,7 @@ as a remote store does. In one run this prints:
 - the raw floors through the proxy: one GET stream, concurrent ranged GETs, one upload stream,
   a parallel multipart upload, and a server-side copy (UploadPartCopy) of the same bytes;
 - the s3 -> s3 job (bf16 Llama, --method rtn, 2 workers) before (one stream per transfer, every
-  shard byte sent by the reducer: concurrency 1, server_side_copy off) and after (the defaults):
+  shard byte sent by the reducer: concurrency 1, stream_assembly on) and after (the defaults):
   wall time, GB/s, time per stage, and the share of output bytes the reducer sent;
 - the goals, and the paper model for Llama-70B on 8 nodes recomputed from the measured ratios.
 
@@ -145,7 +145,7 @@ def main() -> None:
                 print(f"  {name:28s} {mbps:8.1f} MB/s")
             ray.init(address="local", num_cpus=args.workers, include_dashboard=False,
                      runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
-            before = StorageOptions(endpoint_url=proxy_url, concurrency=1, server_side_copy=False, part_size=64 * MiB)
+            before = StorageOptions(endpoint_url=proxy_url, concurrency=1, stream_assembly=True, part_size=64 * MiB)
             after = StorageOptions(endpoint_url=proxy_url)
             rows = {}
             for label, storage in (("before", before), ("after", after)):

@@ -16,6 +16,7 @@ carries them). The loader builds the model it fills here too. Parameters take no
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,9 @@ from torch import nn
 # Experts modules that transformers does not describe with ``use_experts_implementation``
 # (which sets ``is_transposed``): whether each stores its matrices [in, out].
 _TRANSPOSED_EXPERTS = {"Llama4TextExperts": True}
+
+
+_BUILDING = threading.Lock()
 
 
 class ArchitectureError(ValueError):
@@ -41,7 +45,10 @@ def empty_model(model_config: dict) -> nn.Module:
     config = transformers.AutoConfig.for_model(**cfg)
     named = (model_config.get("architectures") or [None])[0]
     cls = getattr(transformers, named, None) if isinstance(named, str) else None
-    with init_empty_weights(include_buffers=False):
+    # init_empty_weights patches nn.Module for the whole process, and transformers sets the default
+    # dtype while it builds: two threads building at once (concurrent jobs in one driver) would leave
+    # either patched for everything after.
+    with _BUILDING, init_empty_weights(include_buffers=False):
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls._from_config(config)
         return transformers.AutoModelForCausalLM.from_config(config)

@@ -80,7 +80,7 @@ def test_version_is_the_package_version(capsys) -> None:
 
 @pytest.mark.parametrize("option", OPTIONS, ids=lambda o: o.key)
 def test_every_option_reaches_its_place_in_the_job_options(option) -> None:
-    value = {"int": 16, "float": 0.25, "size": "3MiB", "flag": True, "list": ["x"]}.get(option.kind, "text")
+    value = {"int": 16, "float": 0.25, "size": "6MiB", "flag": True, "list": ["x"]}.get(option.kind, "text")
     if option.choices:  # not the default, and not a codebook that needs other bits
         value = next(c for c in option.choices if c != option.default and c not in ("nf4", "nf3"))
     settings = job_settings({"model": "m", "out": "o", option.key.replace("_", "-"): value}, "job.yaml")

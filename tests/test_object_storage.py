@@ -165,7 +165,7 @@ def test_local_compose_copies_in_the_kernel_and_streaming_gives_the_same_file(tm
     blob = os.urandom(3 * MiB + 5)
     (tmp_path / "staged").write_bytes(blob)
     for copy in (True, False):
-        loc = Location(str(tmp_path), StorageOptions(server_side_copy=copy))
+        loc = Location(str(tmp_path), StorageOptions(stream_assembly=not copy))
         sent = loc.compose(f"out-{copy}", [b"head", ("staged", 5, len(blob) - 5), b"tail"])
         assert (tmp_path / f"out-{copy}").read_bytes() == b"head" + blob[5:] + b"tail"
         assert sent == (8 if copy else len(blob) + 3)
@@ -229,7 +229,7 @@ def test_s3_job_assembles_shards_on_the_server(server: str, s3, seaweed, wide: P
 def test_local_job_copies_staged_units_and_equals_streaming(wide: Path, wide_local: Path, tmp_path: Path) -> None:
     out = tmp_path / "streamed"
     manifest = run_job(JobOptions(model=str(wide), out=str(out), workers=1, quant=QuantConfig(method="rtn"),
-                                  storage=StorageOptions(server_side_copy=False)), log=lambda _: None)
+                                  storage=StorageOptions(stream_assembly=True)), log=lambda _: None)
     assert file_bytes(out) == file_bytes(wide_local)
     local = verify(Location(str(wide_local)))
     assert manifest["timings"]["assembly_sent_bytes"] == manifest["totals"]["tensor_bytes"] + _headers(out)

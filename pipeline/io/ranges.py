@@ -58,12 +58,14 @@ def pieces(span: Span, range_size: int) -> list[tuple[int, int]]:
 
 
 def read_ranges(
-    fs: fsspec.AbstractFileSystem, requests: list[tuple[str, int, int]], *, concurrency: int, range_size: int,
+    fs: fsspec.AbstractFileSystem | None, requests: list[tuple[str, int, int]], *, concurrency: int, range_size: int,
     label: Callable[[str], str] = str, max_gap: int = MAX_GAP,
+    fetch: Callable[[list[tuple[str, int, int]]], list] | None = None,
 ) -> list[memoryview]:
     """The bytes of each ``(path, start, nbytes)`` request, as writable views (a tensor can be built
     on one without a copy), all files' pieces in flight together. A range the file does not hold in
-    full fails naming ``label(path)``."""
+    full fails naming ``label(path)``. ``fetch`` replaces ``fs`` for a store fsspec does not reach:
+    it gets a batch of requests and returns their bytes (or exceptions) in order."""
     groups: list[tuple[str, Span, list[int]]] = []
     by_path: dict[str, list[int]] = {}
     for i, (path, _, _) in enumerate(requests):
@@ -76,7 +78,8 @@ def read_ranges(
     step = max(1, concurrency)
     for first in range(0, len(work), step):
         batch = work[first:first + step]
-        got = _fetch(fs, [(groups[gi][0], s, n) for gi, s, n in batch], concurrency)
+        batch_requests = [(groups[gi][0], s, n) for gi, s, n in batch]
+        got = fetch(batch_requests) if fetch is not None else _fetch(fs, batch_requests, concurrency)
         for (gi, s, n), data in zip(batch, got):
             path, g, _ = groups[gi]
             if isinstance(data, BaseException):

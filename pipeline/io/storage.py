@@ -38,9 +38,9 @@ class StorageOptions:
     # copies), and the size of each ranged read: a store scales with connections, not with one.
     concurrency: int = 16
     range_size: int = 8 * 1024 * 1024
-    # Shards assembled from the staged units by the store itself (S3 UploadPartCopy, a local
-    # copy_file_range) instead of streaming every byte through the reducer.
-    server_side_copy: bool = True
+    # Every shard byte streamed through the reducer, instead of the store copying the staged units
+    # into place (S3 UploadPartCopy, a local copy_file_range): for a store that cannot.
+    stream_assembly: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("concurrency", 1), ("range_size", 64 * 1024), ("part_size", 5 * 1024 * 1024),
@@ -327,13 +327,13 @@ class Location:
         """Write ``name`` from ``pieces``: byte strings, and ``(other, start, nbytes)`` ranges of other
         files at this location. Returns how many bytes passed through this process.
 
-        With ``server_side_copy`` the ranges never do: on S3 they become ``UploadPartCopy`` parts
+        Unless ``stream_assembly``, the ranges never do: on S3 they become ``UploadPartCopy`` parts
         (``pipeline.io.multipart``), on a local filesystem ``os.copy_file_range`` (a reflink or an
-        in-kernel copy). Elsewhere, or with it off, they are read and streamed. Either way the file
+        in-kernel copy). Elsewhere, or with it, they are read and streamed. Either way the file
         appears whole or not at all."""
         fs, root = self._fs()
         protocol = _protocol(self.url)
-        if self.options.server_side_copy and protocol in ("s3", "s3a"):
+        if not self.options.stream_assembly and protocol in ("s3", "s3a"):
             parts = plan_parts([p if isinstance(p, bytes) else Extent(f"{root}/{p[0]}", p[1], p[2]) for p in pieces])
             if len(parts) <= MAX_PARTS:
                 return compose(fs, f"{root}/{name}", parts, self._read_extent, concurrency=self.options.concurrency)
@@ -343,7 +343,7 @@ class Location:
                 if isinstance(piece, bytes):
                     f.write(piece)
                     sent += len(piece)
-                elif self.is_local and self.options.server_side_copy:
+                elif self.is_local and not self.options.stream_assembly:
                     _copy_local(f, f"{root}/{piece[0]}", piece[1], piece[2])
                 else:
                     for start in range(piece[1], piece[1] + piece[2], self.options.range_size * self.options.concurrency):

@@ -127,6 +127,13 @@ OPTIONS: tuple[Option, ...] = (
                                "size (at least 5MiB)", "storage", attr="part_size", kind="size", metavar="SIZE"),
     Option("max_attempts", "attempts per object-storage request, with backoff, before a fault fails the job",
            "storage", kind="int", metavar="N"),
+    Option("concurrency", "object-storage requests in flight per transfer: a unit's ranged reads, an upload's "
+                          "parts, a shard's copies", "storage", kind="int", metavar="N"),
+    Option("range_size", "the largest single ranged read from object storage", "storage", kind="size",
+           metavar="SIZE"),
+    Option("stream_assembly", "stream every shard byte through the reducer instead of letting the store copy the "
+                              "staged units into place (for a store without UploadPartCopy)", "storage",
+           kind="flag"),
     Option("ray_address", "Ray cluster to run on, e.g. HEAD:6379, or 'auto' for the one `ray start` began here "
                           "(default: RAY_ADDRESS, else a new local Ray)", metavar="ADDRESS"),
 )

@@ -1,8 +1,8 @@
 """The reduce stage: staged units assembled into the final checkpoint, in an order fixed by the plan alone.
 
 Units arrive in any order; a shard is written as soon as every unit it holds is staged. A
-shard holds its units one after another, each as the run of bytes its worker staged, so the
-store itself copies those runs into place (S3 UploadPartCopy, a local copy_file_range) and the
+shard holds its layers one after another, each unit's bytes as the runs its worker staged, so
+the store itself copies those runs into place (S3 UploadPartCopy, a local copy_file_range) and the
 reducer sends only the header and the little S3's 5 MiB part minimum makes it top up. Index,
 sidecar, config, assets (licence files among them) and the model card follow the shards, and
 the manifest comes last.
@@ -69,43 +69,64 @@ class Assembler:
             self.next_shard += 1
         return written
 
-    def _runs(self, tensors: list[PlannedTensor]) -> list[tuple[int, int, int]]:
-        """``(unit, start, nbytes)``: the staged bytes of ``tensors`` in order, one per contiguous run."""
+    def _runs(self, tensors: list[PlannedTensor], by_item_size: bool = False) -> list[tuple[int, int, int]]:
+        """``(unit, start, nbytes)``: the staged bytes of ``tensors`` in order, one per contiguous run
+        (``by_item_size``: cut where the item size changes too, as the workers' run digests are)."""
         runs: list[list[int]] = []
+        size = 0
         for t in tensors:
             unit = self.owner[t.name]
             start, nbytes = self.results[unit].offsets[t.name]
-            if runs and runs[-1][0] == unit and runs[-1][1] + runs[-1][2] == start:
+            same = not by_item_size or t.dtype.itemsize == size
+            size = t.dtype.itemsize
+            if runs and runs[-1][0] == unit and runs[-1][1] + runs[-1][2] == start and same:
                 runs[-1][2] += nbytes
             elif nbytes:
                 runs.append([unit, start, nbytes])
         return [(u, s, n) for u, s, n in runs]
 
+    def _layout(self, units: list[int]) -> tuple[list[PlannedTensor], bool]:
+        """The shard's tensors in order, and whether each unit's runs lie in it as it staged them.
+
+        Layer after layer (a split layer's units together), each layer's tensors largest item size
+        first in task order: what the units staged, so a layer's bytes are one run per unit and item
+        size, and the same whatever the split. Where that would leave a tensor unaligned, the whole
+        shard is ordered by item size instead."""
+        layers: list[list[PlannedTensor]] = []
+        for i, u in enumerate(units):
+            unit = self.plan.units[u]
+            if i and unit.block and unit.block == self.plan.units[units[i - 1]].block:
+                layers[-1] += unit.outputs
+            else:
+                layers.append(list(unit.outputs))
+        grouped = grouped_order(layers)
+        return (grouped, True) if grouped is not None else (aligned_order([t for g in layers for t in g]), False)
+
     def _write_shard(self, i: int) -> str:
-        """Write shard ``i``. Laid out unit after unit where alignment allows (``grouped_order``),
-        it is assembled by the store from the staged units, then read back and checked run by
-        run against the sha256 each worker took of its bytes: a store that copies wrongly fails
-        the job here instead of leaving a shard that verifies against its own wrong bytes.
-        Otherwise, or without server-side copy, its bytes stream through here."""
+        """Write shard ``i``. Laid out layer after layer where alignment allows (``_layout``), it is
+        assembled by the store from the staged units, then read back and checked run by run
+        against the sha256 each worker took of its bytes: a store that copies wrongly fails the
+        job here instead of leaving a shard that verifies against its own wrong bytes. Otherwise,
+        or with ``stream_assembly``, its bytes stream through here."""
         t0 = time.perf_counter()
         name = self.plan.shard_names[i]
-        units = self.plan.shards[i]
-        grouped = grouped_order(self.plan.units[u].outputs for u in units)
-        tensors = grouped or aligned_order([o for u in units for o in self.plan.units[u].outputs])
+        tensors, copyable = self._layout(self.plan.shards[i])
         head = header_bytes(tensors)
         runs = self._runs(tensors)
-        if grouped is not None and self.dest.options.server_side_copy:
+        if copyable and not self.dest.options.stream_assembly:
             self.sent_bytes += self.dest.compose(name, [head, *((self._staged(u), s, n) for u, s, n in runs)])
+            checked = self._runs(tensors, by_item_size=True)
             cuts = [len(head)]
-            for _, _, n in runs[:-1]:
+            for _, _, n in checked[:-1]:
                 cuts.append(cuts[-1] + n)
             whole, segments = self.dest.digests(name, cuts)
-            want = [hashlib.sha256(head).hexdigest()] + [self.results[u].data_sha256 for u, _, _ in runs]
-            for (u, _, _), got, expected in zip([(None, 0, 0), *runs], segments, want):
-                if got != expected:
-                    what = "header" if u is None else f"bytes of unit {self.plan.units[u].name!r}"
-                    raise AssemblyError(f"{self.dest.url}/{name}: the store assembled the shard's {what} wrongly; "
-                                        "run again with server_side_copy off (--no-server-side-copy)")
+            if segments[0] != hashlib.sha256(head).hexdigest():
+                raise AssemblyError(f"{self.dest.url}/{name}: the store assembled the shard's header wrongly; "
+                                    "run again with --stream-assembly")
+            for (u, s, n), got in zip(checked, segments[1:]):
+                if got != self._run_digest(u, s, n):
+                    raise AssemblyError(f"{self.dest.url}/{name}: the store assembled the shard's bytes of unit "
+                                        f"{self.plan.units[u].name!r} wrongly; run again with --stream-assembly")
             size = len(head) + sum(n for _, _, n in runs)
         else:
             digest = hashlib.sha256()
@@ -117,6 +138,13 @@ class Assembler:
         self.files.append(FileRecord(name, size, whole))
         self.assembly_s += time.perf_counter() - t0
         return name
+
+    def _run_digest(self, unit: int, start: int, nbytes: int) -> str:
+        """The sha256 the worker took of this run of its staged file."""
+        for s, n, digest in self.results[unit].runs:
+            if (s, n) == (start, nbytes):
+                return digest
+        raise RuntimeError(f"unit {self.plan.units[unit].name!r}: no staged run at [{start}, {start + nbytes})")
 
     def _staged(self, unit: int) -> str:
         """The staged file of ``unit``, named relative to the destination (the staging area is inside it)."""

@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -55,13 +55,9 @@ class UnitResult:
     worker: str = ""
     peak_rss: int = 0  # the worker process's peak resident memory after this unit, in bytes
     reused: bool = False  # staged by an earlier run of the same job and verified, not quantized again
-    # sha256 of the tensor data after the staged file's header: the run a shard holds for this unit,
-    # which the reducer checks once the store has assembled the shard.
-    data_sha256: str = ""
-
-    @property
-    def data_start(self) -> int:
-        return min((start for start, _ in self.offsets.values()), default=self.size)
+    # [start, nbytes, sha256] of each run of tensors of one item size in the staged file: a shard
+    # holds each such run whole, and the reducer checks it there once the store has assembled the shard.
+    runs: list[list] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -87,7 +83,7 @@ def staged_result(unit: Unit, staging: Location) -> UnitResult | None:
         result = UnitResult.from_json(staging.read_bytes(record_name).decode())
     except (ValueError, KeyError, TypeError):
         return None
-    if ((result.index, result.name) != (unit.index, unit.name) or not result.data_sha256
+    if ((result.index, result.name) != (unit.index, unit.name) or not result.runs
             or staging.size(data_name) != result.size):
         return None
     return result if staging.sha256(data_name) == result.sha256 else None
@@ -201,12 +197,18 @@ def _quantize_and_stage(source: Source, unit: Unit, config: QuantConfig, staging
 
     t0 = time.perf_counter()
     data_name, record_name = staged_names(unit)
-    digest, data_digest = hashlib.sha256(), hashlib.sha256()
+    digest = hashlib.sha256()
+    runs: list[list] = []  # [start, nbytes, sha256] per item size, as the file holds them
+    hashers: list = []
 
     def data():
         for p in planned:
+            if not runs or runs[-1][3] != p.dtype.itemsize:
+                runs.append([offsets[p.name][0], 0, "", p.dtype.itemsize])
+                hashers.append(hashlib.sha256())
             chunk = tensor_bytes(outputs[p.name])
-            data_digest.update(chunk)
+            hashers[-1].update(chunk)
+            runs[-1][1] += len(chunk)
             yield chunk
 
     with staging.open_write(data_name) as f:
@@ -214,7 +216,7 @@ def _quantize_and_stage(source: Source, unit: Unit, config: QuantConfig, staging
     write_s = time.perf_counter() - t0
     result = UnitResult(
         unit.index, unit.name, data_name, digest.hexdigest(), size, offsets, sidecar, stats, read_s, quant_s, write_s,
-        data_sha256=data_digest.hexdigest(),
+        runs=[[start, nbytes, h.hexdigest()] for (start, nbytes, _, _), h in zip(runs, hashers)],
     )
     staging.write_bytes(record_name, result.to_json().encode())
     return result
