@@ -70,7 +70,7 @@ def seaweed_server(*buckets: str, timeout: float = 30.0) -> Iterator[s3fs.S3File
     (tmp / "data").mkdir()
     args = [weed_binary(), "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.config={tmp / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-            "-admin.ui=false", "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
+            "-admin.ui=false", "-master.telemetry=false", "-master.volumeSizeLimitMB=1024", "-volume.preStopSeconds=0",
             f"-s3.localSocket={tmp / 's3.sock'}", f"-filer.localSocket={tmp / 'filer.sock'}",
             *(f"-{flag}={port}" for flag, port in ports.items())]
     log = tmp / "weed.log"

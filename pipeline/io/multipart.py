@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 MIN_PART = 5 * 2**20
 MAX_PART = 5 * 2**30
@@ -109,35 +109,39 @@ async def _bounded(coros: list, limit: int) -> list:
     return await asyncio.gather(*(one(c) for c in coros))
 
 
-def compose(fs, path: str, parts: list[Part], read: Callable[[Extent], bytes], *, concurrency: int) -> int:
-    """Write the object ``path`` from ``parts`` as one multipart upload; returns the bytes sent
-    from here. ``read`` fetches the extents of sent parts. On any failure the upload is aborted,
-    so nothing appears."""
+def compose(fs, path: str, parts: list[Part], *, concurrency: int) -> int:
+    """Write the object ``path`` from ``parts`` as one multipart upload, ``concurrency`` parts in
+    flight; returns the bytes sent from here. On any failure the upload is aborted, so nothing
+    appears."""
     if len(parts) > MAX_PARTS:
         raise ValueError(f"{path}: {len(parts)} parts, more than S3's {MAX_PARTS}")
     from fsspec.asyn import sync
 
     bucket, key = _split(fs, path)
     upload = sync(fs.loop, fs._call_s3, "create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
-    sent = 0
-    etags: list[dict] = []
     try:
-        window = max(1, concurrency)
-        for first in range(0, len(parts), window):
-            batch = list(enumerate(parts[first:first + window], start=first + 1))
-            bodies = {n: b"".join(p if isinstance(p, bytes) else read(p) for p in part.send)
-                      for n, part in batch if part.copy is None}
-            sent += sum(len(b) for b in bodies.values())
-            coros = [_copy_part(fs, bucket, key, upload, n, part.copy) if part.copy is not None else
-                     _send_part(fs, bucket, key, upload, n, bodies[n]) for n, part in batch]
-            etags += sync(fs.loop, _bounded, coros, window)
+        done = sync(fs.loop, _bounded, [_part(fs, bucket, key, upload, n, part) for n, part in enumerate(parts, 1)],
+                    concurrency)
         sync(fs.loop, fs._call_s3, "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload,
-             MultipartUpload={"Parts": etags})
+             MultipartUpload={"Parts": [etag for etag, _ in done]})
     except BaseException:
         sync(fs.loop, fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
         raise
     fs.invalidate_cache(path)
-    return sent
+    return sum(sent for _, sent in done)
+
+
+async def _part(fs, bucket: str, key: str, upload: str, number: int, part: Part) -> tuple[dict, int]:
+    """Upload or copy one part; returns its entry for the completion and the bytes sent from here.
+    A sent part's extents are read only now, so at most the parts in flight are held."""
+    if part.copy is not None:
+        return await _copy_part(fs, bucket, key, upload, number, part.copy), 0
+    chunks = [p if isinstance(p, bytes) else await fs._cat_file(p.path, start=p.start, end=p.start + p.nbytes)
+              for p in part.send]
+    body = b"".join(chunks)
+    if len(body) != part.nbytes:
+        raise OSError(f"{bucket}/{key}: part {number} has {len(body)} bytes, planned {part.nbytes}")
+    return await _send_part(fs, bucket, key, upload, number, body), len(body)
 
 
 async def _send_part(fs, bucket: str, key: str, upload: str, number: int, body: bytes) -> dict:
@@ -168,11 +172,20 @@ class ParallelUpload:
         self.closed = False
 
     def write(self, data) -> int:
-        self.buffer += data
-        while len(self.buffer) >= self.part_size:
-            self._submit(bytes(self.buffer[:self.part_size]))
-            del self.buffer[:self.part_size]
-        return len(data)
+        view = memoryview(data).cast("B")
+        pos = 0
+        if self.buffer:
+            pos = min(len(view), self.part_size - len(self.buffer))
+            self.buffer += view[:pos]
+            if len(self.buffer) < self.part_size:
+                return len(view)
+            self._submit(bytes(self.buffer))
+            self.buffer = bytearray()
+        while len(view) - pos >= self.part_size:
+            self._submit(bytes(view[pos:pos + self.part_size]))
+            pos += self.part_size
+        self.buffer += view[pos:]
+        return len(view)
 
     def _submit(self, body: bytes) -> None:
         from fsspec.asyn import sync

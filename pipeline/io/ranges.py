@@ -4,12 +4,14 @@ An object store serves each connection at a fixed rate (tens of MB/s on S3, less
 path) and scales with connections, so a tensor read as one GET runs at one connection's rate
 however fast the network is. Here the ranges a unit needs are joined where they nearly touch
 (fewer requests for a layer's many small norms), cut into pieces of at most ``range_size`` and
-fetched ``concurrency`` at a time, and the pieces are copied into one writable buffer per joined
-range. Memory: the ranges' own bytes plus at most ``concurrency`` pieces in flight.
+fetched with ``concurrency`` in flight at every moment (on an asynchronous filesystem such as
+s3fs a new request starts as each one ends), and the pieces are copied into one writable buffer
+per joined range. Memory: the ranges' own bytes plus at most ``concurrency`` pieces in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,6 +78,11 @@ def read_ranges(
     buffers = [bytearray(g.nbytes) for _, g, _ in groups]
     work = [(gi, s, n) for gi, (_, g, _) in enumerate(groups) for s, n in pieces(g, range_size)]
     step = max(1, concurrency)
+    if fetch is None and getattr(fs, "async_impl", False):
+        from fsspec.asyn import sync
+
+        sync(fs.loop, _fill, fs, groups, buffers, work, step, label)
+        work = []
     for first in range(0, len(work), step):
         batch = work[first:first + step]
         batch_requests = [(groups[gi][0], s, n) for gi, s, n in batch]
@@ -96,12 +103,25 @@ def read_ranges(
     return out
 
 
+async def _fill(fs, groups: list, buffers: list[bytearray], work: list[tuple[int, int, int]], limit: int,
+                label: Callable[[str], str]) -> None:
+    """Every piece of ``work`` fetched on an asynchronous filesystem, ``limit`` in flight at any
+    moment (a new one starts as soon as one ends), each copied into its buffer as it lands."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(gi: int, s: int, n: int) -> None:
+        path, g, _ = groups[gi]
+        async with gate:
+            data = await fs._cat_file(path, start=s, end=s + n)
+        if len(data) != n:
+            raise OSError(f"{label(path)}: short read at offset {s} ({len(data)} of {n} bytes)")
+        buffers[gi][s - g.start:s - g.start + n] = data
+
+    await asyncio.gather(*(one(*w) for w in work))
+
+
 def _fetch(fs: fsspec.AbstractFileSystem, batch: list[tuple[str, int, int]], concurrency: int) -> list:
-    """One batch of requests, all in flight together: the filesystem's own concurrent ``cat_ranges``
-    where it is asynchronous (s3fs, HTTP), positioned reads locally, else threads."""
-    if getattr(fs, "async_impl", False):
-        return fs.cat_ranges([p for p, _, _ in batch], [s for _, s, _ in batch], [s + n for _, s, n in batch],
-                             batch_size=concurrency, on_error="return")
+    """One batch of requests, all in flight together: positioned reads locally, else threads."""
     if isinstance(fs, LocalFileSystem):
         out = []
         for path, s, n in batch:

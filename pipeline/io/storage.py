@@ -336,7 +336,7 @@ class Location:
         if not self.options.stream_assembly and protocol in ("s3", "s3a"):
             parts = plan_parts([p if isinstance(p, bytes) else Extent(f"{root}/{p[0]}", p[1], p[2]) for p in pieces])
             if len(parts) <= MAX_PARTS:
-                return compose(fs, f"{root}/{name}", parts, self._read_extent, concurrency=self.options.concurrency)
+                return compose(fs, f"{root}/{name}", parts, concurrency=self.options.concurrency)
         sent = 0
         with self.open_write(name) as f:
             for piece in pieces:
@@ -353,9 +353,6 @@ class Location:
                         sent += len(block)
         return sent
 
-    def _read_extent(self, ext: Extent) -> bytes:
-        fs, root = self._fs()
-        return bytes(self.read_range(ext.path[len(root) + 1:], ext.start, ext.nbytes))
 
 
 def _copy_local(f: BinaryIO, source: str, start: int, nbytes: int) -> None:

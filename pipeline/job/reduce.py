@@ -16,6 +16,7 @@ import time
 from ..architecture import output_problem
 from ..io.hf_names import INDEX_NAME
 from ..io.safetensors_io import PlannedTensor, aligned_order, grouped_order, header_bytes, write_stream
+from ..io.multipart import MIN_PART
 from ..io.storage import Location
 from ..output.card import card_bytes, source_licence
 from ..output.layout import CARD_NAME, SIDECAR_NAME, quantization_config
@@ -88,8 +89,8 @@ class Assembler:
     def _layout(self, units: list[int]) -> tuple[list[PlannedTensor], bool]:
         """The shard's tensors in order, and whether each unit's runs lie in it as it staged them.
 
-        Layer after layer (a split layer's units together), each layer's tensors largest item size
-        first in task order: what the units staged, so a layer's bytes are one run per unit and item
+        Layer after layer (a split layer's units together; the small ones first), each layer's
+        tensors largest item size first in task order: what the units staged, so a layer's bytes are one run per unit and item
         size, and the same whatever the split. Where that would leave a tensor unaligned, the whole
         shard is ordered by item size instead."""
         layers: list[list[PlannedTensor]] = []
@@ -99,6 +100,9 @@ class Assembler:
                 layers[-1] += unit.outputs
             else:
                 layers.append(list(unit.outputs))
+        # Layers too small to be an S3 part of their own go first, beside the header: the reducer
+        # sends them with it in one part, instead of topping each up from its neighbour.
+        layers.sort(key=lambda group: sum(t.nbytes for t in group) >= MIN_PART)
         grouped = grouped_order(layers)
         return (grouped, True) if grouped is not None else (aligned_order([t for g in layers for t in g]), False)
 
