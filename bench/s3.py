@@ -11,7 +11,7 @@ as a remote store does. In one run this prints:
   wall time, GB/s, time per stage, and the share of output bytes the reducer sent;
 - the goals, and the paper model for Llama-70B on 8 nodes recomputed from the measured ratios.
 
-    python bench/s3.py [--layers 8] [--hidden 2048] [--rate 20e6] [--latency 0.02]
+    python bench/s3.py [--layers 8] [--hidden 2048] [--rate 20e6] [--latency 0.02] [--max-shard-size BYTES]
 """
 
 from __future__ import annotations
@@ -80,14 +80,14 @@ def floors(proxy_url: str, size: int) -> dict[str, float]:
     return out
 
 
-def run(src: str, dst: str, storage, workers: int) -> tuple[dict, float]:
+def run(src: str, dst: str, storage, workers: int, max_shard_size: int) -> tuple[dict, float]:
     from pipeline.job.options import JobOptions
     from pipeline.job.run import run_job
     from sinq_ops import QuantConfig
 
     t0 = time.perf_counter()
     manifest = run_job(JobOptions(model=src, out=dst, workers=workers, storage=storage, overwrite=True,
-                                  quant=QuantConfig(method="rtn")), log=lambda _: None)
+                                  max_shard_size=max_shard_size, quant=QuantConfig(method="rtn")), log=lambda _: None)
     return manifest, time.perf_counter() - t0
 
 
@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.02, help="seconds before each response")
     ap.add_argument("--floor-mb", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
+    # The job's default: this output is one shard, so its whole assembly follows the last unit (a
+    # 70B output is ten, assembled as their units finish). Each shard costs the reducer a 5 MiB part.
+    ap.add_argument("--max-shard-size", type=int, default=4 * 10**9)
     args = ap.parse_args()
 
     import ray
@@ -149,16 +152,18 @@ def main() -> None:
             after = StorageOptions(endpoint_url=proxy_url)
             rows = {}
             for label, storage in (("before", before), ("after", after)):
-                rows[label] = run("s3://bench/src", f"s3://bench/out-{label}", storage, args.workers)
+                rows[label] = run("s3://bench/src", f"s3://bench/out-{label}", storage, args.workers,
+                                  args.max_shard_size)
             tiny = write_llama_checkpoint(work / "tiny", layers=1, hidden=64, intermediate=128, vocab=128, shards=1)
-            _, tiny_wall = run(str(tiny), str(work / "tiny-out"), StorageOptions(), args.workers)
+            _, tiny_wall = run(str(tiny), str(work / "tiny-out"), StorageOptions(), args.workers, args.max_shard_size)
         finally:
             proxy.stdin.close()
             proxy.wait()
             ray.shutdown()
 
     in_gb = rows["after"][0]["totals"]["source_bytes"] / 1e9
-    print(f"\ns3 -> s3 job: {in_gb:.2f} GB bf16 in, {args.layers} layers, rtn 4-bit, {args.workers} workers")
+    print(f"\ns3 -> s3 job: {in_gb:.2f} GB bf16 in, {args.layers} layers, rtn 4-bit, {args.workers} workers, "
+          f"{rows['after'][0]['totals']['shards']} shards")
     print(f"{'':8s} {'wall s':>7} {'GB/s':>6} {'read s':>7} {'read MB/s':>9} {'quant s':>7} {'stage s':>7} "
           f"{'assembly s':>10} {'sent by reducer':>16}")
     for label, (m, wall) in rows.items():

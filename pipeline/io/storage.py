@@ -293,8 +293,12 @@ class Location:
             f.write(data)
 
     @contextmanager
-    def open_write(self, name: str) -> Iterator[BinaryIO]:
-        """A stream whose file appears, whole, only when the block ends without error."""
+    def open_write(self, name: str, size: int | None = None) -> Iterator[BinaryIO]:
+        """A stream whose file appears, whole, only when the block ends without error.
+
+        ``size``, when known, lets an object-store upload cut parts small enough to keep
+        ``concurrency`` of them in flight (never under S3's 5 MiB): a 25 MB unit goes up as five
+        parts at once, not as two of 16 MiB."""
         fs, root = self._fs()
         path = f"{root}/{name}"
         if self.is_local:
@@ -311,7 +315,9 @@ class Location:
                     os.remove(tmp)
             return
         if _protocol(self.url) in ("s3", "s3a"):
-            f = ParallelUpload(fs, path, part_size=self.options.part_size, concurrency=self.options.concurrency)
+            part = self.options.part_size if size is None else min(self.options.part_size,
+                                                                    -(-size // self.options.concurrency))
+            f = ParallelUpload(fs, path, part_size=part, concurrency=self.options.concurrency)
         else:
             f = fs.open(path, "wb", block_size=self.options.part_size)
         try:

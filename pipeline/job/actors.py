@@ -3,7 +3,7 @@
 A worker process starts once (importing torch costs seconds) and then takes unit after
 unit; Ray restarts a worker that dies and retries the units it held. A worker runs two calls
 at once: while one quantizes (under ``compute``, one at a time), the other reads the next unit's
-bytes, so the network and the quantizer work side by side.
+bytes or uploads the last unit's outputs, so the network and the quantizer work side by side.
 """
 
 from __future__ import annotations

@@ -182,8 +182,9 @@ class Plan:
         return max((u.memory_bytes(gpu) for u in self.units), default=0)
 
     def read_ahead_bytes(self) -> int:
-        """What a worker holds besides its current unit while it reads the next: that unit's source bytes."""
-        return max((u.in_bytes for u in self.units), default=0)
+        """What a worker holds besides the unit it quantizes: the next unit's source bytes while it
+        reads them, or the last unit's outputs while it uploads them (one or the other at a time)."""
+        return max((max(u.in_bytes, u.out_bytes) for u in self.units), default=0)
 
     def read_ahead_fits(self, gpu: bool = False) -> bool:
         """Whether a unit and the next one's source bytes fit ``worker_memory`` together (else a
@@ -215,7 +216,8 @@ class Plan:
             f"worker memory {self.worker_memory_bytes() / gb:.3f} GB peak per CPU worker; per GPU worker "
             f"{self.worker_memory_bytes(gpu=True) / gb:.3f} GB host, {self.gpu_memory_bytes() / gb:.3f} GB GPU "
             "(plus its CUDA context)",
-            f"read-ahead    the next unit's {self.read_ahead_bytes() / gb:.3f} GB of source bytes while one quantizes: "
+            f"read-ahead    {self.read_ahead_bytes() / gb:.3f} GB more per worker (the next unit read, or the last one "
+            "uploaded, while one quantizes): "
             f"{'on' if self.read_ahead_fits() else 'off'} for CPU workers, "
             f"{'on' if self.read_ahead_fits(gpu=True) else 'off'} for GPU workers (on only within --worker-memory)",
             f"not converted {', '.join(self.not_converted) or '-'}",

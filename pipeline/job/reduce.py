@@ -135,7 +135,7 @@ class Assembler:
         else:
             digest = hashlib.sha256()
             chunks = (self.staging.read_range(self.results[u].staged, s, n) for u, s, n in runs)
-            with self.dest.open_write(name) as f:
+            with self.dest.open_write(name, size=len(head) + sum(n for _, _, n in runs)) as f:
                 size = write_stream(f, tensors, chunks, digest.update)
             whole = digest.hexdigest()
             self.sent_bytes += size

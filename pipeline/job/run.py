@@ -204,7 +204,7 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
     gpu = bool(ray.cluster_resources().get("GPU", 0.0))
     depth = 2 if plan.read_ahead_fits(gpu) else 1
     if depth == 1:
-        log(f"no read-ahead: a unit and the next one's source bytes need "
+        log(f"no read-ahead: a unit and the next one (or the last one's outputs) need "
             f"{(plan.worker_memory_bytes(gpu) + plan.read_ahead_bytes()) / 1e9:.2f} GB, more than --worker-memory")
     try:
         for result in _dispatch(workers, plan.units, depth):

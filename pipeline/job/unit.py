@@ -134,8 +134,8 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
     """Quantize every tensor of ``unit`` that the plan marks, copy the rest, stage the result;
     or take the result an earlier run staged, once it verifies.
 
-    The read runs outside ``compute`` and the rest inside it: a worker that holds a lock there can
-    read its next unit while it quantizes this one."""
+    Only the quantization runs inside ``compute``: a worker that holds a lock there reads its next
+    unit, or uploads its last one, while it quantizes this one."""
     earlier = staged_result(unit, staging)
     if earlier is not None:
         earlier.reused = True
@@ -144,11 +144,13 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
     raw = read_unit(source, unit)
     read_s = time.perf_counter() - t0
     with compute:
-        return _quantize_and_stage(source, unit, config, staging, device, raw, read_s)
+        outputs, sidecar, stats, read_s, quant_s = _quantize(source, unit, config, device, raw, read_s)
+    return _stage(unit, staging, outputs, sidecar, stats, read_s, quant_s)
 
 
-def _quantize_and_stage(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str,
-                        raw: list[list[torch.Tensor]], read_s: float) -> UnitResult:
+def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw: list[list[torch.Tensor]],
+              read_s: float) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
+    """The unit's output tensors, sidecar entries and statistics, and the read and quantize seconds."""
     outputs: dict[str, torch.Tensor] = {}
     sidecar: dict[str, dict] = {}
     stats: list[TensorStats] = []
@@ -184,7 +186,12 @@ def _quantize_and_stage(source: Source, unit: Unit, config: QuantConfig, staging
         label = task.name if task.expert is None else task.leaf
         stats.append(TensorStats(label, list(w.shape), config.bits, err, seconds, q.sinkhorn_applied))
         del w, q, tensor
+    return outputs, sidecar, stats, read_s, quant_s
 
+
+def _stage(unit: Unit, staging: Location, outputs: dict[str, torch.Tensor], sidecar: dict[str, dict],
+           stats: list[TensorStats], read_s: float, quant_s: float) -> UnitResult:
+    """Write the unit's outputs to the staging area, then its record: the unit is durable once both are."""
     planned = aligned_order(unit.outputs)
     for p in planned:
         got = outputs[p.name]
@@ -211,7 +218,7 @@ def _quantize_and_stage(source: Source, unit: Unit, config: QuantConfig, staging
             runs[-1][1] += len(chunk)
             yield chunk
 
-    with staging.open_write(data_name) as f:
+    with staging.open_write(data_name, size=pos) as f:
         size = write_stream(f, planned, data(), digest.update)
     write_s = time.perf_counter() - t0
     result = UnitResult(
