@@ -154,6 +154,7 @@ def main() -> None:
             for label, storage in (("before", before), ("after", after)):
                 rows[label] = run("s3://bench/src", f"s3://bench/out-{label}", storage, args.workers,
                                   args.max_shard_size)
+            _, local_wall = run(str(src), str(work / "local-out"), StorageOptions(), args.workers, args.max_shard_size)
             tiny = write_llama_checkpoint(work / "tiny", layers=1, hidden=64, intermediate=128, vocab=128, shards=1)
             _, tiny_wall = run(str(tiny), str(work / "tiny-out"), StorageOptions(), args.workers, args.max_shard_size)
         finally:
@@ -183,6 +184,7 @@ def main() -> None:
     print(f"reducer sent {100 * t['assembly_sent_bytes'] / out_b:.2f}% of the output bytes (goal: under 2%)")
     print(f"raw floors allow {floor_s:.1f} s (read in, upload out, copy out, read out back, one after another, "
           f"one client): the job reaches {100 * floor_s / wall:.0f}% of that (goal: 70%)")
+    print(f"the same job local disk -> local disk: {local_wall:.1f} s (no network: its compute and fixed cost)")
     print(f"a 1-layer job on local disk, Ray already up: {tiny_wall:.1f} s (the fixed cost)")
     print("\npaper model, Llama-70B on 8 nodes, S3 to S3:")
     print("\n".join(paper_model(f, tiny_wall)))

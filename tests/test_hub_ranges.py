@@ -24,7 +24,6 @@ from checkpoints import write_llama_checkpoint
 from pipeline.job.plan import make_plan
 from pipeline.job.unit import read_unit
 from pipeline.sources.hub import resolve_hub
-from s3_server import free_port
 from sinq_ops import QuantConfig
 
 REPO, COMMIT = "acme/ranged", "0123456789abcdef0123456789abcdef01234567"
@@ -82,8 +81,8 @@ class _Hub:
             def do_HEAD(self) -> None:
                 self._serve(False)
 
-        self.port = free_port()
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property

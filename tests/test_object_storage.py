@@ -161,6 +161,16 @@ def test_compose_copies_extents_on_the_server(store) -> None:
     assert segments == [hashlib.sha256(x).hexdigest() for x in (head, a, b + c[100:])]
 
 
+def test_a_failed_compose_leaves_no_object_and_no_open_upload(store) -> None:
+    endpoint, fs = store
+    fs.pipe_file("data/broken/parts/a", os.urandom(12 * MiB))
+    loc = Location("s3://data/broken", StorageOptions(endpoint_url=endpoint))
+    with pytest.raises(OSError):
+        loc.compose("out", [b"H" * 100, ("parts/a", 0, 12 * MiB), ("parts/missing", 0, 12 * MiB)])
+    assert not fs.exists("data/broken/out")
+    assert fs.call_s3("list_multipart_uploads", Bucket="data", Prefix="broken/").get("Uploads", []) == []
+
+
 def test_local_compose_copies_in_the_kernel_and_streaming_gives_the_same_file(tmp_path: Path) -> None:
     blob = os.urandom(3 * MiB + 5)
     (tmp_path / "staged").write_bytes(blob)
@@ -171,13 +181,13 @@ def test_local_compose_copies_in_the_kernel_and_streaming_gives_the_same_file(tm
         assert sent == (8 if copy else len(blob) + 3)
 
 
-def test_locks_are_exclusive_taken_over_and_released_by_etag(store) -> None:
-    endpoint, _ = store
-    where = Location(f"s3://data/locks/{endpoint.rsplit(':', 1)[1]}", StorageOptions(endpoint_url=endpoint))
+def _lock_cycle(where: Location) -> None:
     first = locks.acquire(where, ttl_s=60)
     assert isinstance(first, locks.Lock)
     second = locks.acquire(where, ttl_s=60)
     assert isinstance(second, dict) and second["owner"] == first.owner
+    assert not where.replace_if(locks.LOCK_NAME, None, '"0123456789abcdef0123456789abcdef"')  # wrong ETag: kept
+    assert locks.read_lock(where)["owner"] == first.owner
     first.release()
     stale = locks.acquire(where, ttl_s=0.01)
     time.sleep(0.05)
@@ -187,6 +197,16 @@ def test_locks_are_exclusive_taken_over_and_released_by_etag(store) -> None:
     assert locks.read_lock(where)["owner"] == taken.owner
     taken.release()
     assert locks.read_lock(where) is None
+
+
+def test_locks_are_exclusive_taken_over_and_released_by_etag(store) -> None:
+    endpoint, _ = store
+    _lock_cycle(Location(f"s3://data/locks/{endpoint.rsplit(':', 1)[1]}", StorageOptions(endpoint_url=endpoint)))
+
+
+def test_local_locks_are_exclusive_taken_over_and_released_by_content(tmp_path: Path) -> None:
+    _lock_cycle(Location(str(tmp_path / "out")))
+    assert os.listdir(tmp_path / "out") == []  # no temporary file left beside the lock
 
 
 def test_a_store_that_ignores_conditions_gets_no_lock(s3) -> None:

@@ -72,7 +72,8 @@ def test_s3_paths_give_the_same_bytes_as_local(
 def test_large_shards_go_up_as_multipart_uploads(s3, tmp_path: Path) -> None:
     src = write_llama_checkpoint(tmp_path / "wide", layers=1, hidden=512, intermediate=512, vocab=8192, shards=1, seed=3)
     part = 5 * 1024 * 1024
-    run_job(JobOptions(model=str(src), out="s3://quantized/multipart", workers=1, storage=StorageOptions(part_size=part)), log=lambda _: None)
+    run_job(JobOptions(model=str(src), out="s3://quantized/multipart", workers=1,
+                       storage=StorageOptions(part_size=part, stream_assembly=True)), log=lambda _: None)
     local = tmp_path / "local"
     run_job(JobOptions(model=str(src), out=str(local), workers=1), log=lambda _: None)
     shard = "model-00001-of-00001.safetensors"

@@ -15,7 +15,6 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-from s3_server import free_port
 
 # Bodies move in chunks of this size; smaller ones cost more GIL hand-offs per byte (with 16
 # connections, moto and the client in one process on 2 cores, 64 KiB gives ~130 MB/s in all, 256 KiB ~170).
@@ -61,8 +60,8 @@ class ThrottleProxy:
         self.lock = threading.Lock()
         self.in_flight = 0
         self.reset()
-        self.port = free_port()
-        self.server = _Server(("127.0.0.1", self.port), self._handler())
+        self.server = _Server(("127.0.0.1", 0), self._handler())
+        self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

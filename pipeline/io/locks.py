@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .storage import Location
 
 LOCK_NAME = ".lock"
+_WRONG_ETAG = '"0123456789abcdef0123456789abcdef"'
 _PROBED: dict[str, str | None] = {}  # store and bucket -> why its locks cannot be exclusive, or None
 
 
@@ -56,19 +57,22 @@ def read_lock(location: Location) -> dict | None:
 def check_exclusive(location: Location) -> None:
     """Raise ``LockUnsupported`` where the store would let a conditional write that must fail succeed.
 
-    Probed with a scratch object beside the lock: creating it again with ``If-None-Match: *``
-    and replacing it under a wrong ``If-Match`` must both be refused."""
+    Probed with a scratch object beside the lock: creating it again with ``If-None-Match: *``,
+    and replacing or deleting it under a wrong ``If-Match``, must all be refused."""
     if location.is_local:
         return
-    store = f"{location.options.endpoint_url or os.environ.get('AWS_ENDPOINT_URL', '')}|{location.url.split('/')[2]}"
+    opts = location.options.for_protocol("s3")
+    store = f"{opts.get('endpoint_url', '')}|{opts.get('profile', '')}|{location.url.split('/')[2]}"
     if store not in _PROBED:
         name = f".lock-probe-{uuid.uuid4().hex[:12]}"
         try:
             location.create_exclusive(name, b"probe")
             if location.create_exclusive(name, b"again"):
                 _PROBED[store] = "it ignores If-None-Match (a second exclusive create succeeded)"
-            elif location.replace_if(name, b"again", '"0123456789abcdef0123456789abcdef"'):
+            elif location.replace_if(name, b"again", _WRONG_ETAG):
                 _PROBED[store] = "it ignores If-Match (a replace under a wrong ETag succeeded)"
+            elif location.replace_if(name, None, _WRONG_ETAG):
+                _PROBED[store] = "it ignores If-Match on DELETE (a delete under a wrong ETag succeeded)"
             else:
                 _PROBED[store] = None
         finally:
@@ -91,6 +95,8 @@ def acquire(location: Location, ttl_s: float) -> Lock | dict:
         if held is None:  # released in between: race again
             continue
         holder = _parse(held[0])
+        if holder.get("owner") == owner:  # our write landed, its reply was lost and the retry refused
+            return Lock(location, owner, holder.get("expires", expires))
         if holder.get("expires", 0) > time.time():
             return holder
         if location.replace_if(LOCK_NAME, record, held[1]):  # the expired record, and no other, replaced

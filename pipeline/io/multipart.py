@@ -95,18 +95,25 @@ def plan_parts(pieces: list[Piece], min_part: int = MIN_PART, max_part: int = MA
 
 
 def _split(fs, path: str) -> tuple[str, str]:
+    """Bucket and key of an s3fs path."""
     bucket, key, _ = fs.split_path(path)
     return bucket, key
 
 
 async def _bounded(coros: list, limit: int) -> list:
+    """The results of ``coros``, at most ``limit`` running at once. If any fails, the first failure is
+    raised only once every one has settled: an upload aborted with parts still in flight can keep them."""
     gate = asyncio.Semaphore(max(1, limit))
 
     async def one(coro):
         async with gate:
             return await coro
 
-    return await asyncio.gather(*(one(c) for c in coros))
+    results = await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return results
 
 
 def compose(fs, path: str, parts: list[Part], *, concurrency: int) -> int:

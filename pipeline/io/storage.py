@@ -46,7 +46,8 @@ class StorageOptions:
         for name, low in (("concurrency", 1), ("range_size", 64 * 1024), ("part_size", 5 * 1024 * 1024),
                           ("max_attempts", 1)):
             if getattr(self, name) < low:
-                raise ValueError(f"storage option {name} must be at least {low}, got {getattr(self, name)}")
+                flag = "--upload-part-size" if name == "part_size" else "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be at least {low}, got {getattr(self, name)}")
 
     def for_protocol(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):
@@ -173,17 +174,22 @@ class Location:
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Write ``name`` only if it does not exist yet, atomically; False if it already did.
 
-        Local files use O_EXCL; S3 a conditional PUT (``If-None-Match: *``). Stores answer a lost
-        race with 412 Precondition Failed, some (SeaweedFS) without saying which condition failed."""
+        Local files are hard-linked into place; S3 takes a conditional PUT (``If-None-Match: *``).
+        Stores answer a lost race with 412 Precondition Failed, some (SeaweedFS) without saying which
+        condition failed, and AWS with 409 ConditionalRequestConflict when the racers overlap."""
         fs, root = self._fs()
         path = f"{root}/{name}"
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}{PARTIAL}{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
             try:
-                with open(path, "xb") as f:
-                    f.write(data)
+                os.link(tmp, path)  # fails if the name exists; the content is whole the moment it appears
             except FileExistsError:
                 return False
+            finally:
+                os.remove(tmp)
             return True
         self._need_s3("exclusive creation")
         try:
@@ -326,7 +332,12 @@ class Location:
             f.discard()
             f.closed = True  # otherwise garbage collection would close it, committing the part written
             raise
-        f.close()
+        try:
+            f.close()
+        except BaseException:  # a last part or the completion failed: abort, so no open upload is left
+            f.discard()
+            f.closed = True
+            raise
         fs.invalidate_cache(path)
 
     def compose(self, name: str, pieces: list[bytes | tuple[str, int, int]]) -> int:
@@ -389,11 +400,13 @@ def _copy_local(f: BinaryIO, source: str, start: int, nbytes: int) -> None:
 
 
 def _precondition_failed(exc: BaseException) -> bool:
-    """Whether the store answered 412 Precondition Failed (s3fs keeps the botocore error as the cause)."""
+    """Whether the store refused a conditional write: 412 Precondition Failed, or 409
+    ConditionalRequestConflict for a racing one (s3fs keeps the botocore error as the cause)."""
     while exc is not None:
         response = getattr(exc, "response", None)
-        if isinstance(response, dict) and (response.get("Error", {}).get("Code") == "PreconditionFailed"
-                                           or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412):
+        if isinstance(response, dict) and (
+                response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict")
+                or response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

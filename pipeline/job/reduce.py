@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import Iterator
 from ..architecture import output_problem
 from ..io.hf_names import INDEX_NAME
 from ..io.safetensors_io import PlannedTensor, aligned_order, grouped_order, header_bytes, write_stream
@@ -78,11 +79,13 @@ class Assembler:
         for t in tensors:
             unit = self.owner[t.name]
             start, nbytes = self.results[unit].offsets[t.name]
+            if not nbytes:
+                continue
             same = not by_item_size or t.dtype.itemsize == size
             size = t.dtype.itemsize
             if runs and runs[-1][0] == unit and runs[-1][1] + runs[-1][2] == start and same:
                 runs[-1][2] += nbytes
-            elif nbytes:
+            else:
                 runs.append([unit, start, nbytes])
         return [(u, s, n) for u, s, n in runs]
 
@@ -118,7 +121,12 @@ class Assembler:
         head = header_bytes(tensors)
         runs = self._runs(tensors)
         if copyable and not self.dest.options.stream_assembly:
-            self.sent_bytes += self.dest.compose(name, [head, *((self._staged(u), s, n) for u, s, n in runs)])
+            try:
+                self.sent_bytes += self.dest.compose(name, [head, *((self._staged(u), s, n) for u, s, n in runs)])
+            except OSError as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise AssemblyError(f"{self.dest.url}/{name}: the store could not assemble the shard from the staged "
+                                    f"units ({reason}); a store without UploadPartCopy needs --stream-assembly") from None
             checked = self._runs(tensors, by_item_size=True)
             cuts = [len(head)]
             for _, _, n in checked[:-1]:
@@ -134,14 +142,29 @@ class Assembler:
             size = len(head) + sum(n for _, _, n in runs)
         else:
             digest = hashlib.sha256()
-            chunks = (self.staging.read_range(self.results[u].staged, s, n) for u, s, n in runs)
+            checked = self._runs(tensors, by_item_size=True)
             with self.dest.open_write(name, size=len(head) + sum(n for _, _, n in runs)) as f:
-                size = write_stream(f, tensors, chunks, digest.update)
+                size = write_stream(f, tensors, self._checked_chunks(checked), digest.update)
             whole = digest.hexdigest()
             self.sent_bytes += size
         self.files.append(FileRecord(name, size, whole))
         self.assembly_s += time.perf_counter() - t0
         return name
+
+    def _checked_chunks(self, runs: list[tuple[int, int, int]]) -> Iterator[memoryview]:
+        """The staged bytes of ``runs`` in windows (one window held at a time), each run checked
+        against its worker's digest before its last window goes out, so a staged file changed
+        since its worker wrote it fails the job instead of entering the shard."""
+        window = self.staging.options.concurrency * self.staging.options.range_size
+        for u, s, n in runs:
+            digest = hashlib.sha256()
+            for start in range(s, s + n, window):
+                [chunk] = self.staging.read_ranges(self.results[u].staged, [(start, min(window, s + n - start))])
+                digest.update(chunk)
+                if start + window >= s + n and digest.hexdigest() != self._run_digest(u, s, n):
+                    raise AssemblyError(f"{self.staging.url}/{self.results[u].staged}: the staged bytes of unit "
+                                        f"{self.plan.units[u].name!r} no longer match its worker's digest")
+                yield chunk
 
     def _run_digest(self, unit: int, start: int, nbytes: int) -> str:
         """The sha256 the worker took of this run of its staged file."""

@@ -180,6 +180,7 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
         return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes,
                 **plan.structure()}
 
+    plan = _plan(source, opts)
     dest = Location(opts.out, opts.storage)
     key = run_key(source, opts)
     existing = _existing_output(dest, key, opts)
@@ -188,7 +189,6 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
         return existing
     staging = dest.child(f"{STAGING_DIR}/{key}")
     _probe(staging)
-    plan = _plan(source, opts)
     _ensure_ray(opts)
     workers = _pool(source, opts, staging, len(plan.units))
     reducer = Reducer.options(num_cpus=0, scheduling_strategy=_on_driver_node()).remote(plan, dest, staging)

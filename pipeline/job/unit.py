@@ -115,6 +115,10 @@ def assemble_task(source: Source, task: TensorTask, raw: list[torch.Tensor]) -> 
         torch.cat([p.reshape(-1) for p in parts]).reshape(task.shape))
     if not task.quantize and tensor.dtype != DTYPES[task.dtype]:
         tensor = tensor.to(DTYPES[task.dtype])
+    elif not task.quantize and tensor.untyped_storage().nbytes() > tensor.nbytes:
+        # A view into a read buffer shared with the unit's other tensors: an output kept until it is
+        # uploaded must not keep the whole buffer alive.
+        tensor = tensor.clone()
     return tensor
 
 
@@ -210,6 +214,8 @@ def _stage(unit: Unit, staging: Location, outputs: dict[str, torch.Tensor], side
 
     def data():
         for p in planned:
+            if not p.nbytes:
+                continue
             if not runs or runs[-1][3] != p.dtype.itemsize:
                 runs.append([offsets[p.name][0], 0, "", p.dtype.itemsize])
                 hashers.append(hashlib.sha256())

@@ -112,16 +112,17 @@ class HubSource(Source):
     def _remote(self, requests: list[tuple[str, int, int]]) -> list[memoryview]:
         """``(file, start, nbytes)`` ranges of files at the commit, as ranged GETs on the files'
         resolve URLs (the token, if any, goes in the header the Hub library builds, never in a log)."""
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+        from huggingface_hub import constants
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
 
         for name in {r[0] for r in requests}:
             self._need_online(name)
-        session, headers = get_session(), build_hf_headers()
+        headers = build_hf_headers()
 
         def get(req: tuple[str, int, int]) -> bytes:
             url, start, nbytes = req
-            response = session.get(url, headers={**headers, "Range": f"bytes={start}-{start + nbytes - 1}"},
-                                   follow_redirects=True)
+            response = http_backoff("GET", url, headers={**headers, "Range": f"bytes={start}-{start + nbytes - 1}"},
+                                    follow_redirects=True, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
             hf_raise_for_status(response)
             return response.content
 
