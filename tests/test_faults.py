@@ -196,7 +196,10 @@ def test_a_failed_job_stops_its_workers_then_removes_unfinished_files(tmp_path: 
     (staging / "unit-00003.safetensors.partial-0badf00d").write_bytes(b"\0" * 100)
     with pytest.raises(JobError, match="NaN or Inf"):
         run_job(opts, log=lambda _: None)
-    assert sorted(p.name for p in staging.iterdir()) == staged
+    # A worker holds two units at once (it reads the next while it quantizes), so the rerun may stage
+    # one the first run did not finish; it never loses one, and no unfinished file survives.
+    after = sorted(p.name for p in staging.iterdir())
+    assert set(staged) <= set(after) and not [n for n in after if ".partial-" in n]
 
 
 def test_destination_that_refuses_writes_fails_at_once(checkpoint: Path) -> None:

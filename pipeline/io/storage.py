@@ -371,7 +371,6 @@ class Location:
         return sent
 
 
-
 def _copy_local(f: BinaryIO, source: str, start: int, nbytes: int) -> None:
     """Append ``nbytes`` of ``source`` from ``start`` to the open file ``f``, in the kernel where it can."""
     f.flush()

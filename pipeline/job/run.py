@@ -127,8 +127,7 @@ def _on_driver_node() -> NodeAffinitySchedulingStrategy:
 
 def _stop(actors: list, busy: bool = True) -> None:
     """Kill the actors; when some may be ``busy`` (the job failed), wait until each is gone, so that
-    none is still writing afterwards. The wait is one call that fails once the actor is dead (not
-    retried: a killed actor is never restarted)."""
+    none is still writing afterwards (a call that Ray retries until the actor's death is final)."""
     logger.debug("stopping %d actors", len(actors))
     for actor in actors:
         ray.kill(actor, no_restart=True)
@@ -136,7 +135,7 @@ def _stop(actors: list, busy: bool = True) -> None:
         return
     for actor in actors:
         try:
-            ray.get(actor.__ray_ready__.options(max_task_retries=0).remote(), timeout=_STOP_WAIT_S)
+            ray.get(actor.__ray_ready__.remote(), timeout=_STOP_WAIT_S)
         except (RayActorError, GetTimeoutError):
             pass
 
