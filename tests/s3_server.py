@@ -27,17 +27,26 @@ def s3_server(*buckets: str) -> Iterator[s3fs.S3FileSystem]:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        with aws_pointed_at(f"http://127.0.0.1:{port}", buckets) as fs:
+            yield fs
+    finally:
+        server.stop()
+
+
+@contextmanager
+def aws_pointed_at(endpoint: str, buckets: tuple[str, ...]) -> Iterator[s3fs.S3FileSystem]:
+    """The standard AWS variables pointed at ``endpoint`` with the fake credentials, ``buckets``
+    created there; the variables as they were afterwards. Every local S3 server of the tests uses it."""
     saved = {k: os.environ.get(k) for k in _VARS}
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
                       AWS_DEFAULT_REGION="us-east-1")
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-    for bucket in buckets:
-        fs.mkdir(bucket)
     try:
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        for bucket in buckets:
+            fs.mkdir(bucket)
         yield fs
     finally:
-        server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import s3fs
 
-from s3_server import _VARS, FAKE_KEY_ID, FAKE_SECRET, free_port
+from s3_server import FAKE_KEY_ID, FAKE_SECRET, aws_pointed_at, free_port
 
 # The TCP ports `weed mini` still opens with WebDAV, Iceberg, Lance and the admin UI off. Each gets a free one: the
 # defaults (gRPC = HTTP + 10000) would clash between two servers.
@@ -77,15 +77,10 @@ def seaweed_server(*buckets: str, timeout: float = 30.0) -> Iterator[s3fs.S3File
     with log.open("wb") as out:
         proc = subprocess.Popen(args, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    saved = {k: os.environ.get(k) for k in _VARS}
     try:
         _wait_ready(ports["s3.port"], proc, log, timeout)
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=FAKE_KEY_ID, AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
-                          AWS_DEFAULT_REGION="us-east-1")
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-        for bucket in buckets:
-            fs.mkdir(bucket)
-        yield fs
+        with aws_pointed_at(endpoint, buckets) as fs:
+            yield fs
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -94,11 +89,6 @@ def seaweed_server(*buckets: str, timeout: float = 30.0) -> Iterator[s3fs.S3File
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
         for port in ports.values():  # the gRPC unix sockets have a fixed place, and weed leaves some behind
             for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
