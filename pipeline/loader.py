@@ -18,9 +18,9 @@ from torch import nn
 
 from sinq_ops import QuantizedWeight, SINQExperts, SINQLinear
 
-from .architecture import empty_model, expert_modules, experts_transposed
-from .conversion import Converter
+from .architecture import empty_model, expert_modules, experts_transposed, model_layout
 from .job.formats import pair_scales, source_format
+from .job.mapping import source_groups
 from sinq_ops.formats import dequantize_fp8, dequantize_mxfp4
 from .io.hf_names import INDEX_NAME
 from .io.storage import Location, StorageOptions
@@ -131,36 +131,28 @@ def load_source(
     """
     src = source if isinstance(source, Source) else open_source(source, storage)
     config = src.read_json("config.json")
-    model = empty_model(config)
-    shapes = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
-    converter = Converter(model, frozenset(shapes))
-    stacks: dict[str, torch.Tensor] = {}
-    filled: dict[str, set[tuple[int, int]]] = {}
-    parts: dict[str, int] = {}
+    layout = model_layout(config)
+    model = layout.model
     fmt = source_format(f"{src.spec}/config.json", config)
     inventory = {name: (file, info) for file in src.weight_files() for name, info in src.header(file).items()}
     tensors, scales = pair_scales(src.spec, fmt, inventory)
-    for name, (file, info) in tensors.items():
-        target = converter.target(name)
-        tensor = src.read_tensor(file, info)
-        if name in scales:  # FP8 or MXFP4: the float weight it encodes
-            sfile, sinfo = scales[name]
-            scale = src.read_tensor(sfile, sinfo)
-            tensor = (dequantize_mxfp4(tensor, scale).transpose(-1, -2) if fmt.method == "mxfp4"
-                      else dequantize_fp8(tensor, scale, fmt.block))
-        if target.expert is None:
-            _set_tensor(model, target.name, tensor, dtype)
-            continue
-        if target.name not in shapes:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in the {type(model).__name__} built from "
-                             "config.json")
-        stack = stacks.setdefault(target.name, torch.empty(shapes[target.name].shape, dtype=dtype))
-        rows = stack.shape[1] // target.parts
-        stack[target.expert, target.part * rows:(target.part + 1) * rows] = tensor
-        filled.setdefault(target.name, set()).add((target.expert, target.part))
-        parts[target.name] = target.parts
-    for name, stack in stacks.items():
-        if len(filled[name]) != stack.shape[0] * parts[name]:
-            raise IncompleteOutput(f"{src.spec}: not every expert of {name} has its tensors")
-        _set_tensor(model, name, stack, dtype)
+    groups, _ = source_groups(src.spec, layout, tensors, scales, fmt)
+    for sg in groups:
+        parts = []
+        for piece in sg.ordered():
+            tensor = src.read_tensor(piece.file, piece.info)
+            if piece.scale is not None:  # FP8 or MXFP4: the float weight it encodes
+                scale = src.read_tensor(piece.scale_file, piece.scale)
+                tensor = (dequantize_mxfp4(tensor, scale).transpose(-1, -2) if piece.codes == "mxfp4"
+                          else dequantize_fp8(tensor, scale, piece.block))
+            parts.append((piece.pattern, tensor))
+        if sg.group.conversion is None:
+            made = {next(iter(sg.group.targets)): parts[0][1]}
+        else:
+            inputs: dict[str, list[torch.Tensor]] = {}
+            for pattern, tensor in parts:
+                inputs.setdefault(pattern, []).append(tensor)
+            made = sg.group.conversion.apply(inputs)
+        for name, tensor in made.items():
+            _set_tensor(model, name, tensor, dtype)
     return _finish(model, src.spec, device)

@@ -13,11 +13,12 @@ from sinq_ops import QuantConfig, quantized_layout
 from sinq_ops.memory import CPU_WORK_PER_ELEMENT, ERROR_CHECK_BYTES, GPU_WORK_PER_FP16_BYTE
 
 from ..architecture import ArchitectureError, ModelLayout, model_layout
-from ..conversion import ConversionError, Converter
+from ..conversion import Conversion
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import shard_names
 from ..sources import Source
-from .formats import FormatError, SourceFormat, logical_shape, pair_scales, source_format
+from .formats import FormatError, SourceFormat, pair_scales, source_format
+from .mapping import MappingError, Piece, SourceGroup, expert_piece, source_groups
 
 # A decoder layer: "model.layers.12.", "model.language_model.layers.3.", "transformer.h.7.", ...
 LAYER_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks)\.(\d+))\.")
@@ -25,23 +26,13 @@ _QUANTIZABLE = ("F16", "BF16", "F32")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # What one worker may plan for a unit: two workers sharing a 24 GB card (and its host's memory).
 DEFAULT_WORKER_MEMORY = 12 * 10**9
+# Matrices the group size does not divide are kept in full precision when together they hold less than
+# this share of the quantized parameters (Gemma 3n's AltUp coefficients: 4 input features); else refused.
+SMALL_KEPT_SHARE = 0.001
 
 
 class PlanError(ValueError):
     """The checkpoint cannot be quantized as asked; the message says which tensor and why."""
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Bytes of the source that a task reads: one checkpoint tensor, or one expert's matrix of a
-    stacked one (``info`` then spans that matrix only)."""
-
-    file: str
-    info: TensorInfo
-    scale: TensorInfo | None = None  # an FP8 weight's scale_inv or MXFP4 codes' scales: dequantized first
-    scale_file: str = ""
-    block: tuple[int, int] | None = None  # FP8 scale blocks
-    codes: str = ""  # "fp8" or "mxfp4" when ``info`` holds codes rather than the weight
 
 
 @dataclass(frozen=True)
@@ -63,6 +54,9 @@ class TensorTask:
     transpose: bool = False
     expert: int | None = None
     data: bytes | None = None  # a tensor computed at plan time rather than read from the source
+    # transformers' conversion that makes this tensor from the pieces (every task it makes shares it; the
+    # first of them in the unit holds the pieces, converted once for all)
+    conversion: Conversion | None = None
 
     @property
     def file(self) -> str:
@@ -72,6 +66,12 @@ class TensorTask:
     def source_name(self) -> str:
         """The checkpoint tensor to name in an error about this task."""
         return self.pieces[0].info.name if self.pieces else self.name
+
+    @property
+    def movable(self) -> bool:
+        """Whether the task may go to another unit than its layer's other tensors: an expert's matrix
+        made from that expert's own tensors."""
+        return self.expert is not None and (self.conversion is None or self.conversion.expert is not None)
 
     @property
     def nbytes(self) -> int:
@@ -132,6 +132,7 @@ class KindSummary:
     quantized_params: int = 0
     kept_tensors: int = 0
     kept_params: int = 0
+    kept_undivided: int = 0  # of the kept: quantizable matrices the group size does not divide (all tiny)
 
 
 @dataclass
@@ -284,86 +285,6 @@ def _layout(source: Source, model_config: dict) -> ModelLayout:
         raise PlanError(f"{source.spec}/config.json: {exc}") from None
 
 
-def _model_tensors(
-    source: Source, layout: ModelLayout, inventory: dict[str, tuple[str, TensorInfo]],
-    scales: dict[str, tuple[str, TensorInfo]], fmt: SourceFormat, skipped: list[str],
-) -> dict[str, tuple[Piece, ...]]:
-    """Model tensor name -> the source pieces that make it, in order, once the checkpoint is known
-    to fill the model exactly. A tensor with no place in the model, one of the wrong shape, an
-    expert missing from a stacked parameter or a parameter without a tensor is refused here,
-    before any work, instead of ending in an output that cannot load."""
-    converter = Converter(layout.model, layout.places)
-    whole: dict[str, Piece] = {}
-    experts: dict[str, dict[tuple[int, int], Piece]] = {}
-    parts_of: dict[str, int] = {}
-    for name, (file, info) in sorted(inventory.items()):
-        where = f"{source.spec}/{file}: tensor {name!r}"
-        scale_file, scale = scales.get(name, ("", None))
-        piece = Piece(file, info, scale, scale_file, fmt.block if scale is not None else None,
-                      fmt.method if scale is not None else "")
-        shape = logical_shape(info, fmt, scale is not None)
-        try:
-            target = converter.target(name)
-        except ConversionError as exc:
-            raise PlanError(f"{source.spec}/{file}: {exc}") from None
-        if target.name not in layout.places and any(re.search(p, name) for p in layout.ignored):
-            skipped.append(name)  # transformers drops it on load too (DeepSeek-V3's multi-token-prediction layer)
-            continue
-        if target.name not in layout.places:
-            raise PlanError(f"{where} has no place in {layout.class_name}, the model config.json describes, "
-                            "so the output would not load")
-        want = layout.shapes[target.name]
-        if target.expert is None:
-            if target.name in whole or target.name in experts:
-                raise PlanError(f"{where} fills {target.name}, which another tensor fills too")
-            if shape != want:
-                raise PlanError(f"{where} has shape {list(shape)}; {layout.class_name}'s {target.name} is "
-                                f"{list(want)}, so the output would not load")
-            whole[target.name] = piece
-            continue
-        rows = want[1] // target.parts if len(want) == 3 else -1
-        if len(want) != 3 or target.expert >= want[0] or shape != (rows, want[2]) or want[1] % target.parts:
-            raise PlanError(f"{where} of shape {list(shape)} does not fit expert {target.expert} of "
-                            f"{target.name} {list(want)}, so the output would not load")
-        if target.name in whole or (target.expert, target.part) in experts.get(target.name, {}):
-            raise PlanError(f"{where} fills expert {target.expert} of {target.name}, which another tensor fills too")
-        experts.setdefault(target.name, {})[(target.expert, target.part)] = piece
-        parts_of[target.name] = target.parts
-    tensors: dict[str, tuple[Piece, ...]] = {n: (p,) for n, p in whole.items()}
-    for name, pieces in experts.items():
-        count, parts = layout.shapes[name][0], parts_of[name]
-        missing = [(e, k) for e in range(count) for k in range(parts) if (e, k) not in pieces]
-        if missing:
-            raise PlanError(f"{source.spec}: no tensor for expert {missing[0][0]} of {name} "
-                            f"({len(missing)} of {count * parts} missing), so the output would not load")
-        tensors[name] = tuple(pieces[(e, k)] for e in range(count) for k in range(parts))
-    for names in layout.parameter_groups:
-        if not any(n in tensors for n in names):
-            raise PlanError(f"{source.spec}: no tensor for {names[0]} of {layout.class_name}, so the output would "
-                            "not load")
-    return tensors
-
-
-def _expert_pieces(pieces: tuple[Piece, ...], experts: int, expert: int) -> tuple[Piece, ...]:
-    """The pieces of one expert's matrix: its share of the per-expert tensors, or its slice of one
-    stacked tensor (a contiguous byte range, read on its own)."""
-    if len(pieces) == 1 and (pieces[0].codes == "mxfp4" or len(pieces[0].info.shape) == 3):
-        whole = pieces[0]
-        scale = whole.scale
-        if scale is not None and len(scale.shape) >= 2 and scale.shape[0] == experts:  # per expert: block or row scales
-            scale = _slice(scale, experts, expert)
-        return (Piece(whole.file, _slice(whole.info, experts, expert), scale, whole.scale_file, whole.block,
-                      whole.codes),)
-    per = len(pieces) // experts
-    return pieces[expert * per:(expert + 1) * per]
-
-
-def _slice(info: TensorInfo, experts: int, expert: int) -> TensorInfo:
-    """Expert ``expert``'s matrix of a tensor stacked on its first dimension: a contiguous byte range."""
-    size = info.nbytes // experts
-    return TensorInfo(info.name, info.dtype, info.shape[1:], info.start + expert * size, size)
-
-
 def _float_dtype(model_config: dict) -> str:
     """The dtype dequantized FP8 tensors are written in when copied: the model's own."""
     name = model_config.get("torch_dtype") or model_config.get("dtype") or "bfloat16"
@@ -398,10 +319,16 @@ def make_plan(
     except FormatError as exc:
         raise PlanError(str(exc)) from None
     layout = _layout(source, model_config)
-    skipped: list[str] = []
-    tensors = _model_tensors(source, layout, inventory, scales, fmt, skipped)
+    try:
+        groups, skipped = source_groups(source.spec, layout, inventory, scales, fmt)
+    except MappingError as exc:
+        raise PlanError(str(exc)) from None
+    filled = {t for g in groups for t in g.group.targets}
+    for names in layout.parameter_groups:
+        if not any(n in filled for n in names):
+            raise PlanError(f"{source.spec}: no tensor for {names[0]} of {layout.class_name}, so the output would "
+                            "not load")
     include, exclude = include or [], exclude or []
-
     decoder = f"{layout.decoder}." if layout.decoder else ""
 
     def chosen(name: str) -> bool:
@@ -409,56 +336,101 @@ def make_plan(
         return (LAYER_PATTERN.match(name) is not None and in_decoder and (not include or _matches(name, include))
                 and not _matches(name, exclude))
 
-    def check_weight(name: str, pieces: tuple[Piece, ...], shape: tuple[int, int], what: str) -> None:
-        file, dtype = pieces[0].file, pieces[0].info.dtype
-        if dtype not in _QUANTIZABLE and pieces[0].scale is None:
-            raise PlanError(f"{source.spec}/{file}: {pieces[0].info.name} is {dtype}; only "
-                            f"{', '.join(_QUANTIZABLE)} weights are quantized")
-        n, k = shape
-        g = config.group_size
-        if k % g or (config.tiling == "2D" and n % g):
-            dim = f"in_features={k}" if k % g else f"out_features={n} (2D tiling)"
-            raise PlanError(
-                f"{source.spec}/{file}: {what} has {dim}, not divisible by group size {g}; "
-                f"pick a group size that divides it, or leave it unquantized with --exclude '{re.escape(name)}'"
-            )
+    def matrix(name: str) -> tuple[tuple[int, int], str] | None:
+        """A chosen tensor's matrix as quantized, [out, in], and how to name it; None if it is copied."""
+        if not chosen(name):
+            return None
+        if name in layout.linear_weights:
+            return layout.linear_weights[name], name
+        if name in layout.conv1d_weights:
+            n_in, n_out = layout.conv1d_weights[name]
+            return (n_out, n_in), f"{name} (a Conv1D, [{n_out}, {n_in}] as quantized)"
+        if name in layout.expert_weights:
+            ew = layout.expert_weights[name]
+            return ew.shape, f"{name} (each expert's matrix, {list(ew.shape)} as quantized)"
+        return None
 
-    def quantized_task(name: str, leaf: str, pieces: tuple[Piece, ...], stored: tuple[int, int],
-                       transpose: bool, expert: int | None) -> TensorTask:
-        shape = (stored[1], stored[0]) if transpose else stored
-        outputs = tuple(PlannedTensor(f"{leaf}.{suffix}", dtype, shp)
-                        for suffix, (dtype, shp) in quantized_layout(shape, config).items())
-        return TensorTask(name, pieces, pieces[0].info.dtype, stored, True, outputs, leaf, transpose, expert)
+    # What is quantized; a weight the group size does not divide is kept when all such are tiny.
+    quantized: dict[str, tuple[int, int]] = {}
+    undivided: list[tuple[str, str, int]] = []  # (tensor, refusal, parameters)
+    for sg in groups:
+        first = sg.ordered()[0]
+        for name in sg.group.targets:
+            found = matrix(name)
+            if found is None:
+                continue
+            if first.info.dtype not in _QUANTIZABLE and first.scale is None:
+                raise PlanError(f"{source.spec}/{first.file}: {first.info.name} is {first.info.dtype}; only "
+                                f"{', '.join(_QUANTIZABLE)} weights are quantized")
+            (n, k), what = found
+            g = config.group_size
+            if k % g or (config.tiling == "2D" and n % g):
+                dim = f"in_features={k}" if k % g else f"out_features={n} (2D tiling)"
+                undivided.append((name, f"{source.spec}/{first.file}: {what} has {dim}, not divisible by group size "
+                                  f"{g}; pick a group size that divides it, or leave it unquantized with --exclude "
+                                  f"'{re.escape(name)}'", math.prod(layout.shapes[name])))
+            else:
+                quantized[name] = (n, k)
+    kept_small = sum(p for _, _, p in undivided)
+    if undivided and kept_small >= SMALL_KEPT_SHARE * sum(math.prod(layout.shapes[n]) for n in quantized):
+        raise PlanError(undivided[0][1])
 
-    def copied(name: str, pieces: tuple[Piece, ...]) -> TensorTask:
+    def quantized_task(name: str, leaf: str, pieces: tuple[Piece, ...], transpose: bool, expert: int | None,
+                       conversion: Conversion | None, dtype: str) -> TensorTask:
+        shape = quantized[name]
+        stored = (shape[1], shape[0]) if transpose else shape
+        outputs = tuple(PlannedTensor(f"{leaf}.{suffix}", dt, shp)
+                        for suffix, (dt, shp) in quantized_layout(shape, config).items())
+        return TensorTask(name, pieces, dtype, stored, True, outputs, leaf, transpose, expert, conversion=conversion)
+
+    def copied(name: str, pieces: tuple[Piece, ...], first: Piece, conversion: Conversion | None) -> TensorTask:
         shape = layout.shapes[name]
-        dtype = _float_dtype(model_config) if pieces[0].scale is not None else pieces[0].info.dtype
-        return TensorTask(name, pieces, dtype, shape, False, (PlannedTensor(name, DTYPES[dtype], shape),))
+        dtype = _float_dtype(model_config) if first.scale is not None else first.info.dtype
+        return TensorTask(name, pieces, dtype, shape, False, (PlannedTensor(name, DTYPES[dtype], shape),),
+                          conversion=conversion)
+
+    def tasks_for(sg: SourceGroup) -> list[TensorTask]:
+        """The tasks of one group: the first task of each conversion holds its pieces."""
+        group, pieces = sg.group, sg.ordered()
+        first, dtype = pieces[0], pieces[0].info.dtype
+        tasks: list[TensorTask] = []
+        if group.per_expert and all(n in quantized for n in group.targets):
+            count = layout.expert_weights[next(iter(group.targets))].experts
+            for e in range(count):
+                conversion, mine = group.expert_conversion(e), sg.expert(e, count)
+                for name in sorted(group.targets):
+                    tasks.append(quantized_task(name, f"{name}.{e}", mine, layout.expert_weights[name].transposed, e,
+                                                conversion, dtype))
+                    mine = ()
+            return tasks
+        held = pieces
+        for name in sorted(group.targets):
+            if name in quantized and name in layout.expert_weights:
+                ew = layout.expert_weights[name]
+                for e in range(ew.experts):
+                    mine = held if group.conversion else (expert_piece(first, ew.experts, e),)
+                    tasks.append(quantized_task(name, f"{name}.{e}", mine, ew.transposed, e, group.conversion, dtype))
+                    held = () if group.conversion else held
+                continue
+            if name in quantized:
+                tasks.append(quantized_task(name, name.removesuffix(".weight"), held, name in layout.conv1d_weights,
+                                            None, group.conversion, dtype))
+            else:
+                tasks.append(copied(name, held, first, group.conversion))
+            held = () if group.conversion else held
+        return tasks
 
     tasks_of: dict[str, list[TensorTask]] = {}
-    for name, pieces in sorted(tensors.items()):
-        m = LAYER_PATTERN.match(name)
-        block = m.group(1) if m else name
-        if name in layout.linear_weights and chosen(name):
-            check_weight(name, pieces, layout.linear_weights[name], name)
-            tasks = [quantized_task(name, name.removesuffix(".weight"), pieces, layout.linear_weights[name], False, None)]
-        elif name in layout.conv1d_weights and chosen(name):
-            n_in, n_out = layout.conv1d_weights[name]
-            check_weight(name, pieces, (n_out, n_in), f"{name} (a Conv1D, [{n_out}, {n_in}] as quantized)")
-            tasks = [quantized_task(name, name.removesuffix(".weight"), pieces, (n_in, n_out), True, None)]
-        elif name in layout.expert_weights and chosen(name):
-            ew = layout.expert_weights[name]
-            check_weight(name, pieces, ew.shape, f"{name} (each expert's matrix, {list(ew.shape)} as quantized)")
-            tasks = [quantized_task(name, f"{name}.{e}", _expert_pieces(pieces, ew.experts, e), ew.stored,
-                                    ew.transposed, e) for e in range(ew.experts)]
-        else:
-            tasks = [copied(name, pieces)]
-        tasks_of.setdefault(block, []).extend(tasks)
+    for sg in sorted(groups, key=lambda g: min(g.group.targets)):
+        for task in tasks_for(sg):
+            m = LAYER_PATTERN.match(task.name)
+            tasks_of.setdefault(m.group(1) if m else task.name, []).append(task)
+    tensors = filled
 
     for tasks in tasks_of.values():
         # A layer's other tensors, then its experts in order: the order of the unsplit layer is that
         # of its split units one after another, so a shard's bytes do not depend on the split.
-        tasks.sort(key=lambda t: -1 if t.expert is None else t.expert)
+        tasks.sort(key=lambda t: t.expert if t.movable else -1)
     blocks = sorted(tasks_of, key=lambda b: (LAYER_PATTERN.match(b + ".") is not None, _layer_key(b)))
     # Buffers the model computes from its config, written for loaders that insist on them; a complex
     # one (Llama 4's vision rotary table) has no safetensors dtype, and every loader recomputes it.
@@ -495,7 +467,8 @@ def make_plan(
         shards[-1].extend(u.index for u in members)
         size += block_bytes
 
-    quantized = {t.name for u in units for t in u.tasks if t.quantize}
+    quantized_tasks = [t for u in units for t in u.tasks if t.quantize]
+    quantized = {t.name for t in quantized_tasks}
     not_converted = sorted(
         {n.removesuffix(".weight") for n in tensors if n.removesuffix(".weight") in layout.linear_modules
          and n not in quantized} | {"lm_head"}
@@ -504,12 +477,16 @@ def make_plan(
     if skipped:
         notes.append(f"skipped       {len(skipped)} tensors that {layout.class_name} drops on load too "
                      f"(first: {skipped[0]})")
+    if undivided:
+        notes.append(f"kept small    {len(undivided)} matrices the group size {config.group_size} does not divide, "
+                     f"{kept_small:,} parameters ({100 * kept_small / max(1, sum(t.numel for t in quantized_tasks)):.4f}% "
+                     f"of those quantized), kept in full precision (first: {undivided[0][0]})")
     oversized = [b for b, _ in grouped if sum(u.out_bytes for u in members_of[b]) > max_shard_size]
     if oversized:
         notes.append(f"large shards  {len(oversized)} layers exceed --max-shard-size on their own (first: "
                      f"{oversized[0]}); a layer is never split across shards, so their shards are larger")
     return Plan(source, config, units, shards, model_config, source.assets(), not_converted, max_shard_size,
-                worker_memory, _kinds(layout, tensors, units), source_format=fmt, unwritten_buffers=unwritten,
+                worker_memory, _kinds(layout, tensors, units, {n for n, _, _ in undivided}), source_format=fmt, unwritten_buffers=unwritten,
                 notes=notes)
 
 
@@ -522,12 +499,12 @@ def _split(source: Source, block: str, tasks: list[TensorTask], budget: int) -> 
     """A layer's tasks as one unit, or, when a mixture-of-experts layer exceeds ``budget``, as its other
     tensors followed by consecutive groups of experts, each group as large as fits (the first shared
     with the others). The other tensors are never split: a group holding them may exceed the budget."""
-    if _memory(tasks) <= budget or all(t.expert is None for t in tasks):
+    if _memory(tasks) <= budget or not any(t.movable for t in tasks):
         return [tasks]  # a dense layer is one unit, as it always was: only experts are split
-    rest = [t for t in tasks if t.expert is None]
+    rest = [t for t in tasks if not t.movable]
     experts: dict[int, list[TensorTask]] = {}
     for t in tasks:
-        if t.expert is not None:
+        if t.movable:
             experts.setdefault(t.expert, []).append(t)
     groups: list[list[TensorTask]] = [rest]
     held, largest = [_held(rest)], [max((t.numel for t in rest if t.quantize), default=0)]
@@ -552,14 +529,15 @@ def _gb(nbytes: int) -> str:
 
 
 def _unit_name(block: str, tasks: list[TensorTask], parts: int) -> str:
-    experts = [t.expert for t in tasks if t.expert is not None]
+    experts = [t.expert for t in tasks if t.movable]
     if parts == 1 or not experts:
         return block
     return f"{block} (experts {min(experts)}-{max(experts)})"
 
 
-def _kinds(layout: ModelLayout, tensors: dict[str, tuple[Piece, ...]], units: list[Unit]) -> list[KindSummary]:
-    """Per kind of module: matrices and parameters quantized, tensors and parameters kept."""
+def _kinds(layout: ModelLayout, tensors: set[str], units: list[Unit], small: set[str]) -> list[KindSummary]:
+    """Per kind of module: matrices and parameters quantized, tensors and parameters kept (and of
+    those, the matrices kept because the group size does not divide them)."""
     totals: dict[str, list[int]] = {}
     quantized: dict[str, list[TensorTask]] = {}
     for u in units:
@@ -567,7 +545,7 @@ def _kinds(layout: ModelLayout, tensors: dict[str, tuple[Piece, ...]], units: li
             if t.quantize:
                 quantized.setdefault(t.name, []).append(t)
     for name in tensors:
-        row = totals.setdefault(layout.kinds[name], [0, 0, 0, 0])
+        row = totals.setdefault(layout.kinds[name], [0, 0, 0, 0, 0])
         numel = math.prod(layout.shapes[name])
         if name in quantized:
             row[0] += len(quantized[name])
@@ -575,4 +553,5 @@ def _kinds(layout: ModelLayout, tensors: dict[str, tuple[Piece, ...]], units: li
         else:
             row[2] += 1
             row[3] += numel
+            row[4] += name in small
     return [KindSummary(kind, *row) for kind, row in sorted(totals.items())]

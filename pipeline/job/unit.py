@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -22,7 +23,8 @@ from ..io.safetensors_io import (
 )
 from ..io.storage import Location
 from ..sources import Source
-from .plan import Piece, TensorTask, Unit
+from .mapping import Piece
+from .plan import TensorTask, Unit
 
 
 class UnitError(ValueError):
@@ -103,22 +105,50 @@ def _stored(piece: Piece) -> list[tuple[str, TensorInfo]]:
     return [(piece.file, piece.info)] + ([(piece.scale_file, piece.scale)] if piece.scale is not None else [])
 
 
-def assemble_task(source: Source, task: TensorTask, raw: list[torch.Tensor]) -> torch.Tensor:
+def assemble_task(source: Source, task: TensorTask, raw: list[torch.Tensor],
+                  converted: dict | None = None) -> torch.Tensor:
     """The tensor ``task`` is made of, from its pieces as ``read_unit`` fetched them: computed at plan
-    time, one checkpoint tensor, or its pieces joined in order. FP8 and MXFP4 pieces come back as
-    the float32 weights they encode, and a copied task in its planned dtype."""
+    time, one checkpoint tensor, its pieces joined in order, or its share of what transformers'
+    conversion makes of them. FP8 and MXFP4 pieces come back as the float32 weights they encode, and
+    a copied task in its planned dtype.
+
+    A conversion runs once, for the first task of it in the unit (the one holding the pieces); its
+    other tensors wait in ``converted`` for the tasks that take them."""
     if task.data is not None:
         return tensor_from_bytes(TensorInfo(task.name, task.dtype, task.shape, 0, len(task.data)), task.data)
     stored = iter(raw)
     parts = [_decode(source, p, next(stored), next(stored) if p.scale is not None else None) for p in task.pieces]
-    tensor = parts[0] if len(parts) == 1 and tuple(parts[0].shape) == task.shape else (
-        torch.cat([p.reshape(-1) for p in parts]).reshape(task.shape))
+    if task.conversion is not None:
+        tensor = _converted(source, task, parts, {} if converted is None else converted)
+    elif len(parts) == 1 and tuple(parts[0].shape) == task.shape:
+        tensor = parts[0]
+    else:
+        tensor = torch.cat([p.reshape(-1) for p in parts]).reshape(task.shape)
     if not task.quantize and tensor.dtype != DTYPES[task.dtype]:
         tensor = tensor.to(DTYPES[task.dtype])
     elif not task.quantize and tensor.untyped_storage().nbytes() > tensor.nbytes:
         # A view into a read buffer shared with the unit's other tensors: an output kept until it is
         # uploaded must not keep the whole buffer alive.
         tensor = tensor.clone()
+    return tensor
+
+
+def _converted(source: Source, task: TensorTask, parts: list[torch.Tensor], converted: dict) -> torch.Tensor:
+    """``task``'s tensor out of its conversion, run now if ``task`` holds the pieces."""
+    conversion = task.conversion
+    key = (conversion.key, conversion.expert)
+    if task.pieces:
+        inputs: dict[str, list[torch.Tensor]] = {}
+        for piece, part in zip(task.pieces, parts):
+            inputs.setdefault(piece.pattern, []).append(part.unsqueeze(0) if piece.stacked else part)
+        try:
+            converted[key] = conversion.apply(inputs)
+        except Exception as exc:  # noqa: BLE001 - transformers' operation failed on these bytes: name them
+            raise UnitError(f"{source.spec}/{task.file}: {task.source_name}: transformers' conversion "
+                            f"({conversion.steps}) failed: {exc}") from None
+    tensor = converted[key][task.name]
+    if task.expert is not None:
+        tensor = tensor[0 if conversion.expert is not None else task.expert]
     return tensor
 
 
@@ -159,15 +189,22 @@ def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw:
     sidecar: dict[str, dict] = {}
     stats: list[TensorStats] = []
     quant_s = 0.0
+    converted: dict = {}  # conversion -> the tensors it made, until every task taking one has run
+    left = Counter((t.conversion.key, t.conversion.expert) for t in unit.tasks if t.conversion is not None)
     for task, stored in zip(unit.tasks, raw):
         t0 = time.perf_counter()
         try:
-            tensor = assemble_task(source, task, stored)
+            tensor = assemble_task(source, task, stored, converted)
         except UnitError:
             raise
         except ValueError as exc:  # bytes that do not decode as planned: name the file and the tensor
             raise UnitError(f"{source.spec}/{task.file}: {task.source_name}: {exc}") from None
         stored.clear()
+        if task.conversion is not None:
+            key = (task.conversion.key, task.conversion.expert)
+            left[key] -= 1
+            if not left[key]:
+                converted.pop(key, None)
         read_s += time.perf_counter() - t0
         if not task.quantize:
             outputs[task.name] = tensor

@@ -1,0 +1,436 @@
+"""Tiny random models of every decoder family transformers registers, built generically.
+
+The quantizer must cope with whatever layout a family has (fused projections, 3-D expert tensors,
+Conv1D, linear attention, Mamba mixers, vision towers, ...), and new families arrive with every
+transformers release. Hand-writing one tiny config per family does not scale and goes stale, so this
+module starts from each family's own default config (``CONFIG_MAPPING[model_type]()``), shrinks every
+size its fields name, recursively through sub-configs, and builds the model with the class the auto
+mapping names. A short table (``_OVERRIDES``) covers the few families the generic rule cannot.
+
+Sizes are chosen for a quantizer with group size 32: hidden 64, MLP 128, head_dim 32, 2 heads and
+1 KV head (2 when the family is multi-head), 4 experts with 2 per token and expert width 64, LoRA
+ranks 32, vocabulary 256, and 2 decoder layers, or the fewest layers that keep every kind of layer a
+hybrid family has (attention, Mamba, linear attention, dense-before-MoE, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CAUSAL_LM, IMAGE_TEXT_TO_TEXT = "causal-lm", "image-text-to-text"
+HIDDEN, FFN, EXPERT_FFN, HEAD_DIM, VOCAB = 64, 128, 64, 32, 256
+EXPERTS, TOP_K, RANK, LAYERS, MAX_POSITIONS = 4, 2, 32, 2, 512
+IMAGE, PATCH = 32, 8
+_SPECIAL_FLOOR = VOCAB - 64  # special token ids at or above this are remapped into [VOCAB - 64, VOCAB)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@cache
+def _mappings() -> tuple[dict[str, str], dict[str, str]]:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+@cache
+def _all_registered() -> dict[str, str]:
+    causal, image_text = _mappings()
+    return {t: (CAUSAL_LM if t in causal else IMAGE_TEXT_TO_TEXT) for t in sorted(set(causal) | set(image_text))}
+
+
+@cache
+def skipped() -> dict[str, str]:
+    """model_type -> why it is left out: families whose default config is encoder-decoder (BART,
+    Whisper, ...). They have a causal-LM class (a decoder alone) but are not decoder-only models, and
+    the quantizer's layer walk targets decoder-only stacks."""
+    from transformers import CONFIG_MAPPING
+
+    out = {}
+    for model_type in _all_registered():
+        try:
+            encoder_decoder = bool(getattr(CONFIG_MAPPING[model_type](), "is_encoder_decoder", False))
+        except Exception:  # a config that cannot even be defaulted is reported by build(), not here
+            encoder_decoder = False
+        if encoder_decoder:
+            out[model_type] = "encoder-decoder config (is_encoder_decoder=True)"
+    return out
+
+
+def registered() -> dict[str, str]:
+    """model_type -> "causal-lm" or "image-text-to-text" for every decoder-only family in transformers'
+    auto mappings. A type in both is recorded as causal-lm: its causal-LM class is the language model
+    alone, which is what the quantizer walks. Encoder-decoder families are in ``skipped()``."""
+    skip = skipped()
+    return {t: kind for t, kind in _all_registered().items() if t not in skip}
+
+
+def model_class(model_type: str) -> type:
+    """The transformers class the auto mapping names for the family (causal-LM mapping first)."""
+    import transformers
+
+    causal, image_text = _mappings()
+    name = causal.get(model_type) or image_text[model_type]
+    if not hasattr(transformers, name):
+        raise RuntimeError(f"transformers has no class {name} (missing optional dependency?)")
+    return getattr(transformers, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic shrinking of a config dict
+
+
+def _rule(key: str, value: int, d: dict) -> int | None:
+    """The tiny value for integer field ``key`` (None: leave it). Only ever shrinks."""
+    k = key.lower()
+
+    def cap(target: int) -> int:
+        return min(value, target)
+
+    if k.endswith("token_id") or k.endswith("token_index") or k.endswith("_id") or "token_ids" in k:
+        return None  # token ids are handled by _remap_token_ids
+    if re.search(r"(^|_)(vocab_size|vocab_size_per_layer_input|unpadded_vocab_size)$", k):
+        return cap(VOCAB)
+    if k in ("additional_vocab_size",):
+        return cap(16)
+    # mixture of experts
+    if re.search(r"(num_experts|n_routed_experts|num_local_experts|moe_num_experts|n_experts|num_routed_experts)$", k):
+        return cap(EXPERTS)
+    if re.search(r"(num_experts_per_tok|num_experts_per_token|moe_topk|moe_k|^top_k|n_experts_per_tok|"
+                 r"num_selected_experts|experts_per_token)$", k):
+        return cap(TOP_K)
+    if re.search(r"(n_shared_experts|num_shared_experts|zero_expert_num)$", k):
+        return cap(1)
+    if k in ("n_group", "num_expert_group"):
+        return cap(2)
+    if k == "topk_group":
+        return cap(1)
+    if re.search(r"(moe_intermediate_size|expert_ffn_hidden_size|shared_expert_intermediate_size|"
+                 r"shared_experts_intermediate_size|moe_hidden_size|share_expert_dim|expert_intermediate_size|"
+                 r"moe_shared_expert_intermediate_size|shared_intermediate_size)$", k):
+        return cap(EXPERT_FFN)
+    # low ranks
+    if re.search(r"(lora_rank|_rank|lowrank)$", k) and "time_step" not in k and "dt" not in k:
+        return cap(RANK)
+    # head dims (MLA: nope + rope = 32, v = 32)
+    if k == "qk_rope_head_dim":
+        return cap(16)
+    if k == "qk_nope_head_dim":
+        return cap(16)
+    if re.search(r"(head_dim|d_kv|d_head|dim_head|attention_head_size|kv_channels|head_size|headdim)$", k):
+        return cap(HEAD_DIM)
+    # heads
+    if re.search(r"(num_key_value_heads|num_kv_heads|n_kv_heads|key_value_heads|num_query_groups|"
+                 r"linear_num_key_heads)$", k):
+        return None  # derived from the head count in _shrink
+    if re.search(r"(num_attention_heads|^n_head|^n_heads|num_heads|attention_heads|index_n_heads|heads_per_ngram|"
+                 r"linear_num_value_heads|resampler_heads|resampler_n_heads)$", k):
+        return cap(2)
+    # widths
+    if re.search(r"(intermediate_size|ffn_dim|^d_ff|ffn_hidden_size|mlp_dim|dim_ff|^dff|^d_inner|^n_inner|"
+                 r"feed_forward_size|intermediate_size_mlp|projector_hidden_size|projection_intermediate_size|"
+                 r"alignment_intermediate_size|mlp_only_intermediate_size|dense_intermediate_size)$", k):
+        return cap(FFN)
+    if re.search(r"(hidden_size|^d_model|n_embd|embed_dim|^emb_dim|embedding_dim|embedding_size|^dim|"
+                 r"word_embed_proj_dim|lru_width|_hidden_dim|^projection_dim|output_dim|input_dim|"
+                 r"hidden_size_per_layer_input|mamba_d_ssm|^width)$", k) and "patch" not in k:
+        return cap(HIDDEN)
+    # layers
+    if re.search(r"(^num_hidden_layers|^n_layer|^n_layers|^num_layers|^decoder_layers|^encoder_layers|^depth|"
+                 r"^layers|num_decoder_layers|num_encoder_layers|decoder_num_layers|conf_num_hidden_layers|"
+                 r"resampler_depth|^num_blocks|vision_layers|audio_layers|text_layers)$", k):
+        return cap(LAYERS)
+    # state-space / recurrent
+    if re.search(r"(state_size|d_state|ssm_state_size|mamba_d_state)$", k):
+        return cap(16)
+    if re.search(r"(conv_kernel|conv_kernel_dim|conv_l_cache|d_conv|mamba_d_conv)$", k):
+        return cap(4)
+    # images
+    if k in ("image_size", "max_image_size", "min_image_size", "crop_size", "resolution"):
+        return cap(IMAGE)
+    if k in ("patch_size", "temporal_patch_size_unused"):
+        return cap(PATCH) if value > PATCH else None
+    # positions
+    if k in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_len", "context_length",
+             "max_source_positions", "max_target_positions", "max_window_layers_unused"):
+        return cap(MAX_POSITIONS)
+    return None
+
+
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "depth",
+                     "num_decoder_layers")
+
+
+def _layer_count_key(d: dict) -> str | None:
+    for k in _LAYER_COUNT_KEYS:
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 0:
+            return k
+    return None
+
+
+def _is_index_list(key: str, v: Any, n: int) -> bool:
+    """A list of layer indices (``mlp_only_layers``, ``global_attn_indexes``, ...)."""
+    k = key.lower()
+    return (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            and all(-n <= x < n for x in v)
+            and bool(re.search(r"(layer|index|indexes|indices|idxs|ids|block)", k))
+            and "token" not in k)
+
+
+def _select_layers(d: dict, n: int) -> tuple[list[int], dict[str, list], dict[str, list]]:
+    """Original layer indices to keep: the first layer of each distinct kind (the tuple of its entries
+    in every per-layer list and its membership in every index list), at least LAYERS of them."""
+    per_layer = {k: v for k, v in d.items() if isinstance(v, list) and len(v) == n and n > 1
+                 and not _is_index_list(k, v, n) and k not in ("eos_token_id",)}
+    index_lists = {k: v for k, v in d.items() if _is_index_list(k, v, n) and len(v) != n}
+    dense_first = d.get("first_k_dense_replace") or d.get("first_k_dense") or 0
+    kinds = []
+    keep: list[int] = []
+    for i in range(n):
+        kind = (tuple(repr(v[i]) for v in per_layer.values())
+                + tuple((i in v or i - n in v) for v in index_lists.values())
+                + (i < dense_first,) + _periodic_kind(d, i))
+        if kind not in kinds:
+            kinds.append(kind)
+            keep.append(i)
+    for i in range(n):
+        if len(keep) >= LAYERS:
+            break
+        if i not in keep:
+            keep.append(i)
+    return sorted(keep), per_layer, index_lists
+
+
+_PERIODS = (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset"),
+            ("decoder_sparse_step", None), ("moe_layer_freq", None), ("interleave_moe_layer_step", None),
+            ("full_attention_interval", None), ("sliding_window_pattern", None), ("_sliding_window_pattern", None))
+
+
+def _periodic_kind(d: dict, i: int) -> tuple:
+    out = []
+    for period, offset in _PERIODS:
+        p = d.get(period)
+        if isinstance(p, int) and not isinstance(p, bool) and p > 1:
+            out.append((i - (d.get(offset) or 0)) % p == 0 if offset else (i + 1) % p == 0)
+    return tuple(out)
+
+
+def _shrink_layers(d: dict) -> None:
+    """Shrink the layer count and keep every per-layer list and index list consistent with it."""
+    key = _layer_count_key(d)
+    if key is None:
+        return
+    n = d[key]
+    keep, per_layer, index_lists = _select_layers(d, n)
+    if len(keep) > n:
+        keep = keep[:n]
+    d[key] = len(keep)
+    for k, v in per_layer.items():
+        d[k] = [v[i] for i in keep]
+    for k, v in index_lists.items():
+        d[k] = [j for j, i in enumerate(keep) if i in v or i - n in v]
+    if d.get("first_k_dense_replace"):
+        d["first_k_dense_replace"] = sum(i < d["first_k_dense_replace"] for i in keep)
+    # periodic patterns: shrink the period to the kept layers' pattern (period 2: layer 0 one kind,
+    # layer 1 the other), which the configs turn into layer kinds themselves
+    for period, offset in _PERIODS:
+        p = d.get(period)
+        if isinstance(p, int) and not isinstance(p, bool) and p > len(keep):
+            d[period] = len(keep)
+            if offset and isinstance(d.get(offset), int):
+                d[offset] = min(d[offset], len(keep) - 1)
+    for k in ("max_window_layers", "num_kv_shared_layers", "moe_layer_end_index", "moe_layer_start_index",
+              "loop_layer_index_start", "loop_layer_index_end", "insert_layer_id"):
+        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 0:
+            d[k] = min(d[k], len(keep) - (1 if k in ("num_kv_shared_layers",) else 0))
+
+
+def _shrink(d: dict) -> dict:
+    """Shrink one config dict in place (and its sub-config dicts), then return it."""
+    heads_before = {k: v for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool)}
+    _shrink_layers(d)
+    for k, v in list(d.items()):
+        if isinstance(v, dict) and k in ("rope_parameters", "rope_scaling"):
+            continue
+        if isinstance(v, dict) and _looks_like_config(v):
+            _shrink(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            new = _rule(k, v, d)
+            if new is not None and new > 0:
+                d[k] = new
+        elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            lk = k.lower()
+            if re.search(r"(image_size|patch_size)$", lk):
+                d[k] = [min(x, IMAGE if "image" in lk else PATCH) for x in v]
+            elif re.search(r"(hidden_sizes|intermediate_size|moe_intermediate_size|embed_dim)$", lk):
+                d[k] = [min(x, FFN if "intermediate" in lk else HIDDEN) for x in v]
+            elif re.search(r"(num_heads|num_attention_heads_per_layer)$", lk):
+                d[k] = [min(x, 2) for x in v]
+            elif re.search(r"(depths)$", lk):
+                d[k] = [min(x, 1) for x in v]
+        elif isinstance(v, list) and v and all(isinstance(x, dict) and _looks_like_config(x) for x in v):
+            for x in v:
+                _shrink(x)
+    # key-value heads: 1 (grouped/multi-query) or as many as the query heads (multi-head families)
+    heads = next((k for k in ("num_attention_heads", "n_head", "num_heads", "n_heads", "linear_num_value_heads",
+                              "attention_heads") if k in d), None)
+    for kv in ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_query_groups", "multi_query_group_num"):
+        if isinstance(d.get(kv), int) and not isinstance(d.get(kv), bool) and heads:
+            d[kv] = d[heads] if heads_before.get(kv) == heads_before.get(heads) else min(d[kv], 1)
+    for prefix in ("linear_", "swa_", "index_"):
+        kv = f"{prefix}num_key_heads"
+        if isinstance(d.get(kv), int):
+            d[kv] = min(d[kv], 1)
+    _fix_mla(d)
+    _fix_rope(d)
+    return d
+
+
+def _fix_mla(d: dict) -> None:
+    """Multi-head latent attention: rotary runs on qk_rope_head_dim (which head_dim mirrors), and the
+    query/key head is the nope part plus the rope part."""
+    if isinstance(d.get("qk_rope_head_dim"), int) and isinstance(d.get("qk_nope_head_dim"), int):
+        if "head_dim" in d:
+            d["head_dim"] = d["qk_rope_head_dim"]
+        if "qk_head_dim" in d:
+            d["qk_head_dim"] = d["qk_rope_head_dim"] + d["qk_nope_head_dim"]
+
+
+def _looks_like_config(v: dict) -> bool:
+    return "model_type" in v or any(k in v for k in ("hidden_size", "num_hidden_layers", "d_model", "vocab_size"))
+
+
+def _fix_rope(d: dict) -> None:
+    """Keep rotary parameters consistent with the shrunk head size: mrope sections sum to half the
+    rotary dim, longrope factor lists have one entry per rotary frequency, and the original context is
+    capped like max_position_embeddings."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling")
+    if not isinstance(rope, dict):
+        return
+    ropes = rope.values() if all(isinstance(x, dict) for x in rope.values()) and rope else [rope]
+    head_dim = d.get("head_dim") or (d.get("hidden_size", HIDDEN) // max(d.get("num_attention_heads", 2), 1))
+    if d.get("qk_rope_head_dim"):
+        head_dim = d["qk_rope_head_dim"]
+    for r in ropes:
+        if not isinstance(r, dict):
+            continue
+        partial = r.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0
+        half = max(int(head_dim * partial) // 2, 1)
+        for k, v in list(r.items()):
+            if k in ("original_max_position_embeddings",) and isinstance(v, int):
+                r[k] = min(v, MAX_POSITIONS)
+            elif k in ("mrope_section",) and isinstance(v, list) and v:
+                r[k] = _scale_sections(v, half)
+            elif k in ("short_factor", "long_factor") and isinstance(v, list):
+                r[k] = (v + [v[-1]] * half)[:half] if v else v
+
+
+def _scale_sections(sections: list[int], total: int) -> list[int]:
+    old = sum(sections)
+    if old == total:
+        return sections
+    out = [max(1, s * total // old) for s in sections]
+    out[0] += total - sum(out)
+    return out
+
+
+def _remap_token_ids(d: dict, mapping: dict[int, int]) -> None:
+    """Special token ids at or above _SPECIAL_FLOOR move, distinct ids to distinct new ids, into
+    [VOCAB - 64, VOCAB) (the same old id gets the same new id in every sub-config)."""
+    for k, v in list(d.items()):
+        lk = k.lower()
+        is_token = lk.endswith(("token_id", "token_index", "_token_ids", "token_ids")) or lk in (
+            "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "cls_token_id", "mask_token_id",
+            "decoder_start_token_id", "im_start_id", "im_end_id", "im_newline_id", "image_patch_id",
+            "_pad_token_id", "boi_token_index", "eoi_token_index", "user_token_id")
+        if isinstance(v, dict):
+            if _looks_like_config(v):
+                _remap_token_ids(v, mapping)
+        elif is_token and isinstance(v, int) and not isinstance(v, bool):
+            d[k] = _new_id(v, mapping)
+        elif is_token and isinstance(v, list) and all(isinstance(x, int) for x in v):
+            d[k] = [_new_id(x, mapping) for x in v]
+
+
+def _new_id(v: int, mapping: dict[int, int]) -> int:
+    if v < _SPECIAL_FLOOR:
+        return v
+    if v not in mapping:
+        mapping[v] = VOCAB - 1 - len(mapping)
+        if mapping[v] < _SPECIAL_FLOOR:
+            raise ValueError("more than 64 distinct special token ids")
+    return mapping[v]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-family overrides: applied to the shrunk dict (nested keys with "/"), each for a reason the
+# generic rule cannot see.
+
+_OVERRIDES: dict[str, dict[str, Any]] = {}
+
+
+def _apply(d: dict, overrides: dict[str, Any]) -> None:
+    for path, value in overrides.items():
+        *parents, last = path.split("/")
+        node = d
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+
+def tiny_config(model_type: str):
+    """The family's default config with every size shrunk (see module docstring); raises with a
+    one-line reason when the config class cannot be defaulted or rebuilt."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    d = cls().to_dict()
+    d.pop("transformers_version", None)
+    _shrink(d)
+    _remap_token_ids(d, {})
+    _apply(d, _OVERRIDES.get(model_type, {}))
+    d.pop("model_type", None)
+    config = cls.from_dict(copy.deepcopy(d))
+    return config
+
+
+def build(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """The family's tiny random model in eval mode and float32, with the class its auto mapping names;
+    the same weights for the same seed."""
+    if model_type in skipped():
+        raise ValueError(f"{model_type}: {skipped()[model_type]}")
+    cls = model_class(model_type)
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    model = cls._from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def save(model_type: str, out: Path, seed: int = 0) -> Path:
+    """Write the family's tiny model to ``out`` with ``save_pretrained`` (the Hub layout: transformers
+    converts its in-memory layout back to the original checkpoint format) and return ``out``."""
+    out = Path(out)
+    build(model_type, seed=seed).save_pretrained(out)
+    return out
+
+
+def text_input(config, length: int = 8, seed: int = 0) -> torch.Tensor:
+    """input_ids [1, length] of ordinary tokens: below every special id the config names, so that no
+    image/audio placeholder appears in a text-only forward."""
+    text = config.get_text_config(decoder=True)
+    vocab = getattr(text, "vocab_size", None) or VOCAB
+    high = min(vocab, _SPECIAL_FLOOR)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, max(high, 4), (1, length), generator=g)
