@@ -16,6 +16,9 @@ carries them). The loader builds the model it fills here too. Parameters take no
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 
@@ -34,6 +37,20 @@ class ArchitectureError(ValueError):
     """transformers cannot build the model that config.json describes."""
 
 
+def read_config(model_config: dict):
+    """``config.json`` as transformers reads it: through its own file reader (which decodes the
+    ``{"__float__": "Infinity"}`` it writes for infinite floats, as the Mamba hybrids'
+    ``time_step_limit``) into the config class of its ``model_type``, never running repository code.
+    The source's ``quantization_config`` is left out: this tool decodes the source's format itself."""
+    import transformers
+
+    cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
+    with tempfile.TemporaryDirectory(prefix="sinq-config-") as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f)
+        return transformers.AutoConfig.from_pretrained(tmp, trust_remote_code=False)
+
+
 def empty_model(model_config: dict) -> nn.Module:
     """The model class ``model_config`` names (its ``architectures``: a vision-language wrapper such
     as ``Qwen2_5_VLForConditionalGeneration`` included), else its ``AutoModelForCausalLM``, with its
@@ -41,8 +58,7 @@ def empty_model(model_config: dict) -> nn.Module:
     import transformers
     from accelerate import init_empty_weights
 
-    cfg = {k: v for k, v in model_config.items() if k != "quantization_config"}
-    config = transformers.AutoConfig.for_model(**cfg)
+    config = read_config(model_config)
     named = (model_config.get("architectures") or [None])[0]
     cls = getattr(transformers, named, None) if isinstance(named, str) else None
     # init_empty_weights patches nn.Module for the whole process, and transformers sets the default
@@ -104,6 +120,46 @@ class ModelLayout:
     model: nn.Module = field(repr=False, compare=False)  # on the meta device
 
 
+_LINEAR_CLASSES: dict[type, bool] = {}
+
+
+def computes_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``torch.nn.Linear`` whose forward computes ``x W^T + b`` and nothing
+    else, so that a ``SINQLinear`` can take its place: Linear itself, and subclasses such as Falcon's
+    ``FalconLinear`` once a small probe of their own forward, on real tensors, gives that map. A
+    router (Llama 4's is a Linear that also picks experts) or a subclass computing anything else is
+    kept in full precision."""
+    cls = type(module)
+    if cls is nn.Linear or (isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward):
+        return "Router" not in cls.__name__
+    if not isinstance(module, nn.Linear) or "Router" in cls.__name__:
+        return False
+    if cls not in _LINEAR_CLASSES:
+        _LINEAR_CLASSES[cls] = _probe_linear(module)
+    return _LINEAR_CLASSES[cls]
+
+
+def _probe_linear(module: nn.Linear) -> bool:
+    """Run ``module``'s own forward on a 3 x 5 copy of it with real tensors, against ``F.linear``."""
+    probe = type(module).__new__(type(module))
+    probe.__dict__.update(module.__dict__)
+    probe._parameters, probe._buffers, probe._modules = {}, dict(module._buffers), dict(module._modules)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 5, generator=g)
+    bias = torch.randn(3, generator=g) if module.bias is not None else None
+    probe.in_features, probe.out_features = 5, 3
+    probe.weight = nn.Parameter(weight, requires_grad=False)
+    probe.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+    x = torch.randn(2, 5, generator=g)
+    try:
+        with torch.no_grad():
+            out = probe(x)
+    except Exception:  # noqa: BLE001 - a forward that cannot run on a plain weight is not a plain Linear
+        return False
+    want = torch.nn.functional.linear(x, weight, bias)
+    return isinstance(out, torch.Tensor) and out.shape == want.shape and torch.allclose(out, want, atol=1e-5)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: a Linear that stores its weight [in, out] and computes ``x @ W + b``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
@@ -159,7 +215,7 @@ def model_layout(model_config: dict) -> ModelLayout:
     build it (an unknown ``model_type``, a class it does not have)."""
     try:
         model = empty_model(model_config)
-    except (ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError, OSError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArchitectureError(f"transformers cannot build the model config.json describes ({text})") from None
     if getattr(model.config, "tie_word_embeddings", False):
@@ -177,7 +233,7 @@ def model_layout(model_config: dict) -> ModelLayout:
     routers = [name for name, m in model.named_modules() if "Router" in type(m).__name__]
     blocks = {m.rpartition(".")[0]: (m, count) for m, count in counts.items()}
     linear = {f"{name}.weight": tuple(m.weight.shape) for name, m in model.named_modules()
-              if type(m) is nn.Linear and not _routes(name, m, blocks)
+              if computes_linear(m) and not _routes(name, m, blocks)
               and not any(name.startswith(f"{r}.") for r in routers)}
     groups: dict[int, list[str]] = {}
     kinds: dict[str, str] = {}

@@ -16,9 +16,9 @@ import json
 import torch
 from torch import nn
 
-from sinq_ops import QuantizedWeight, SINQExperts, SINQLinear
+from sinq_ops import QuantizedWeight
 
-from .architecture import empty_model, expert_modules, experts_transposed, model_layout
+from .architecture import empty_model, model_layout
 from .job.formats import pair_scales, source_format
 from .job.mapping import source_groups
 from sinq_ops.formats import dequantize_fp8, dequantize_mxfp4
@@ -26,6 +26,7 @@ from .io.hf_names import INDEX_NAME
 from .io.storage import Location, StorageOptions
 from .output.layout import SIDECAR_NAME
 from .output.manifest import IncompleteOutput, verify
+from .quantized import IncompleteExperts, install
 from .sources import Source, open_source
 
 
@@ -80,41 +81,27 @@ def load_quantized(
         file = weight_map[name]
         return source.read_tensor(file, headers[file][name])
 
-    experts = expert_modules(model)
-    stacked = {f"{m}.{p}": m for m, module in experts.items() for p, _ in module.named_parameters(recurse=False)}
-    linear: dict[str, tuple[QuantizedWeight, torch.Tensor | None]] = {}
-    per_expert: dict[str, dict[str, dict[int, QuantizedWeight]]] = {}
+    weights: dict[str, QuantizedWeight] = {}
+    biases: dict[str, torch.Tensor] = {}
     claimed: set[str] = set()
+    of_leaf: dict[str, list[str]] = {}  # a quantized leaf's tensors: <leaf>.W_q and <leaf>.meta.*
+    for n in weight_map:
+        leaf = n.removesuffix(".W_q") if n.endswith(".W_q") else n.split(".meta.")[0]
+        if leaf != n and leaf in sidecar:
+            of_leaf.setdefault(leaf, []).append(n)
     for leaf, entry in sidecar.items():
-        names = [n for n in weight_map if n.startswith(f"{leaf}.") and (n[len(leaf) + 1:] == "W_q" or n[len(leaf) + 1:].startswith("meta."))]
-        q = QuantizedWeight.from_state_dict({n: read(n) for n in names}, entry["meta"], leaf)
+        names = of_leaf.get(leaf, [])
+        weights[leaf] = QuantizedWeight.from_state_dict({n: read(n) for n in names}, entry["meta"], leaf)
         claimed.update(names)
-        param, _, number = leaf.rpartition(".")
-        if param in stacked and number.isdigit():
-            per_expert.setdefault(stacked[param], {}).setdefault(param, {})[int(number)] = q
-            continue
-        bias_name = f"{leaf}.bias"
-        bias = read(bias_name) if bias_name in weight_map else None
-        claimed.update([bias_name] if bias is not None else [])
-        linear[leaf] = (q, bias)
-
+        if f"{leaf}.bias" in weight_map:
+            biases[leaf] = read(f"{leaf}.bias")
+            claimed.add(f"{leaf}.bias")
     for name in sorted(set(weight_map) - claimed):
         _set_tensor(model, name, read(name), dtype)
-    for leaf, (q, bias) in linear.items():
-        parent, _, child = leaf.rpartition(".")
-        setattr(model.get_submodule(parent), child, SINQLinear(q, bias, compute_dtype=dtype))
-    for module_name, params in per_expert.items():
-        module = experts[module_name]
-        weights = {}
-        for param, by_expert in params.items():
-            count = getattr(module, param.rpartition(".")[2]).shape[0]
-            if sorted(by_expert) != list(range(count)):
-                missing = min(set(range(count)) - set(by_expert))
-                raise IncompleteOutput(f"{location}: no quantized matrix for expert {missing} of {param}")
-            weights[param.rpartition(".")[2]] = [SINQLinear(by_expert[e], None, compute_dtype=dtype) for e in range(count)]
-        parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child,
-                SINQExperts(module, weights, transposed=experts_transposed(module)))
+    try:
+        install(model, weights, biases, dtype)
+    except IncompleteExperts as exc:
+        raise IncompleteOutput(f"{location}: {exc}") from None
     return _finish(model, location, device)
 
 

@@ -57,6 +57,12 @@ class SINQExperts(nn.Module):
         inner = self.inner
         up = "gate_up_proj" if inner.has_gate else "up_proj"
         final = torch.zeros_like(hidden)
+        if hidden.is_meta:  # no values to route by: every expert runs on every token, which checks every shape
+            for expert in range(self.num_experts):
+                h = self._project(up, expert, hidden)
+                out = self._project("down_proj", expert, inner._apply_gate(h) if inner.has_gate else inner.act_fn(h))
+                final = final + (inner.post_expert_norm(out) if inner.has_post_expert_norm else out).to(final.dtype)
+            return final
         for expert in torch.unique(index).tolist():
             if not 0 <= expert < self.num_experts:  # expert-parallel sentinels select nothing here
                 continue

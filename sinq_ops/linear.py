@@ -13,7 +13,10 @@ from .quantize import QuantizedWeight
 class SINQLinear(nn.Module):
     """``y = deq(W) @ (scale2 * x) + b``: with 1D tiling the column scale multiplies the
     activations, as the paper does; 2D tiling applies it to the weight. The weight is
-    dequantized on each call, in ``compute_dtype``, and never kept in full precision."""
+    dequantized on each call, in ``compute_dtype``, and never kept in full precision.
+
+    It answers what a model may read of the ``nn.Linear`` it replaces: ``in_features``,
+    ``out_features``, ``bias`` and ``weight`` (dequantized on access)."""
 
     def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None, compute_dtype: torch.dtype = torch.float16):
         super().__init__()
@@ -43,6 +46,14 @@ class SINQLinear(nn.Module):
 
         return QuantizedWeight(self.qweight, values("scale"), values("zero"), self.scale2,
                                (self.out_features, self.in_features), self.config, self.sinkhorn_applied)
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight as the layer computes with it, ``deq(W) * scale2`` in ``compute_dtype``, made on
+        each access: for models that read a Linear's weight outside its forward (Jamba's Mamba mixer
+        multiplies by ``dt_proj.weight``, DeepSeek-V3.2's indexer asks ``weights_proj.weight.dtype``),
+        which then compute with the quantized weight, as the same quantization applied in memory does."""
+        return self.quantized_weight().dequantize(self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.quantized_weight()

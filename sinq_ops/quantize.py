@@ -130,6 +130,24 @@ class QuantizedWeight:
         return meta
 
     @classmethod
+    def placeholder(cls, shape: tuple[int, int], config: QuantConfig, device: str | torch.device = "meta") -> "QuantizedWeight":
+        """A quantized weight of the layout :func:`quantize` gives for ``shape`` and ``config``, with
+        uninitialised tensors (on the meta device, none at all): for checking what a model built
+        from such weights computes with, before any weight is quantized."""
+        n, k = shape
+        g = config.group_size
+        t = {suffix: torch.empty(shp, dtype=dtype, device=device)
+             for suffix, (dtype, shp) in quantized_layout(shape, config).items()}
+        group_shape = (n * k // g, 1) if config.tiling == "1D" else (n * k // g // g, g, 1)
+
+        def group_values(name: str) -> GroupValues:
+            if config.aux == "int8":
+                return aux8.Aux8(t[f"meta.{name}.x"], t[f"meta.{name}.s"], t[f"meta.{name}.m"], group_shape)
+            return t[f"meta.{name}"]
+
+        return cls(t["W_q"], group_values("scale"), group_values("zero"), t["meta.scale2"], (n, k), config)
+
+    @classmethod
     def from_state_dict(cls, tensors: Mapping[str, Tensor], meta: Mapping, prefix: str) -> "QuantizedWeight":
         """Rebuild from :meth:`to_state_dict` tensors and :meth:`metadata` (ours or the reference's)."""
         try:

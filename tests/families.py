@@ -171,106 +171,144 @@ def _rule(key: str, value: int, d: dict) -> int | None:
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "depth",
                      "num_decoder_layers")
+_INT = (int,)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _layer_count_key(d: dict) -> str | None:
-    for k in _LAYER_COUNT_KEYS:
-        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 0:
-            return k
-    return None
+    return next((k for k in _LAYER_COUNT_KEYS if _is_int(d.get(k)) and d[k] > 0), None)
 
 
-def _is_index_list(key: str, v: Any, n: int) -> bool:
-    """A list of layer indices (``mlp_only_layers``, ``global_attn_indexes``, ...)."""
+def _layerish(key: str) -> bool:
     k = key.lower()
-    return (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-            and all(-n <= x < n for x in v)
-            and bool(re.search(r"(layer|index|indexes|indices|idxs|ids|block)", k))
-            and "token" not in k)
+    return bool(re.search(r"(layer|index|indexes|indices|idxs|_ids$|block)", k)) and "token" not in k
 
 
-def _select_layers(d: dict, n: int) -> tuple[list[int], dict[str, list], dict[str, list]]:
-    """Original layer indices to keep: the first layer of each distinct kind (the tuple of its entries
-    in every per-layer list and its membership in every index list), at least LAYERS of them."""
-    per_layer = {k: v for k, v in d.items() if isinstance(v, list) and len(v) == n and n > 1
-                 and not _is_index_list(k, v, n) and k not in ("eos_token_id",)}
-    index_lists = {k: v for k, v in d.items() if _is_index_list(k, v, n) and len(v) != n}
-    dense_first = d.get("first_k_dense_replace") or d.get("first_k_dense") or 0
-    kinds = []
-    keep: list[int] = []
-    for i in range(n):
-        kind = (tuple(repr(v[i]) for v in per_layer.values())
-                + tuple((i in v or i - n in v) for v in index_lists.values())
-                + (i < dense_first,) + _periodic_kind(d, i))
-        if kind not in kinds:
-            kinds.append(kind)
-            keep.append(i)
-    for i in range(n):
-        if len(keep) >= LAYERS:
-            break
-        if i not in keep:
-            keep.append(i)
-    return sorted(keep), per_layer, index_lists
+def _classify_lists(d: dict, n: int) -> tuple[dict, dict, dict]:
+    """Split d's lists that depend on the layer count n into per-layer lists (one entry per layer),
+    pointer lists (one entry per layer, each a layer index: kv_source_layers) and index lists (the
+    indices of some layers: mlp_only_layers, global_attn_indexes, ...)."""
+    per_layer, pointers, indexes = {}, {}, {}
+    for k, v in d.items():
+        if not isinstance(v, list) or k in ("eos_token_id",) or "token" in k.lower():
+            continue
+        ints = all(_is_int(x) for x in v)
+        layer_ints = ints and _layerish(k) and all(-n <= x < n for x in v)
+        if len(v) == n and n > 1:
+            if layer_ints and len(set(v)) > 1 and "source" in k.lower():
+                pointers[k] = v
+            elif layer_ints and len(set(v)) == n and sorted(v) == list(range(n)):
+                indexes[k] = v  # every layer listed
+            else:
+                per_layer[k] = v
+        elif layer_ints and v:
+            indexes[k] = v
+    return per_layer, pointers, indexes
+
+
+def _per_layer_config(d: dict) -> dict[int, dict]:
+    plc = d.get("per_layer_config")
+    return {int(i): o for i, o in plc.items()} if isinstance(plc, dict) else {}
 
 
 _PERIODS = (("attn_layer_period", "attn_layer_offset"), ("expert_layer_period", "expert_layer_offset"),
             ("decoder_sparse_step", None), ("moe_layer_freq", None), ("interleave_moe_layer_step", None),
-            ("full_attention_interval", None), ("sliding_window_pattern", None), ("_sliding_window_pattern", None))
+            ("full_attention_interval", None), ("sliding_window_pattern", None), ("_sliding_window_pattern", None),
+            ("attn_layer_interval", None), ("global_attn_every_n_layers", None))
 
 
 def _periodic_kind(d: dict, i: int) -> tuple:
     out = []
     for period, offset in _PERIODS:
         p = d.get(period)
-        if isinstance(p, int) and not isinstance(p, bool) and p > 1:
+        if _is_int(p) and p > 1:
             out.append((i - (d.get(offset) or 0)) % p == 0 if offset else (i + 1) % p == 0)
     return tuple(out)
 
 
-def _shrink_layers(d: dict) -> None:
-    """Shrink the layer count and keep every per-layer list and index list consistent with it."""
+def _select_layers(d: dict, n: int) -> list[int]:
+    """Original layer indices to keep: the first layer of each distinct kind (its entries in every
+    per-layer list, its membership in every index list, its per-layer overrides, whether it is one of
+    the dense first layers of a mixture of experts, its place in periodic patterns), at least LAYERS."""
+    per_layer, pointers, indexes = _classify_lists(d, n)
+    overrides = _per_layer_config(d)
+    dense_first = d.get("first_k_dense_replace") or d.get("first_k_dense") or 0
+    kinds, keep = [], []
+    for i in range(n):
+        kind = (tuple(repr(v[i]) for v in per_layer.values())
+                + tuple(v[i] == i for v in pointers.values())
+                + tuple((i in v or i - n in v) for v in indexes.values())
+                + (repr(overrides.get(i)), _is_int(dense_first) and i < dense_first) + _periodic_kind(d, i))
+        if kind not in kinds:
+            kinds.append(kind)
+            keep.append(i)
+    for v in pointers.values():  # a layer that reads another layer's cache keeps that layer
+        keep += [v[i] for i in keep if v[i] not in keep]
+    for i in range(n):
+        if len(keep) >= LAYERS:
+            break
+        if i not in keep:
+            keep.append(i)
+    return sorted(set(keep))
+
+
+def _shrink_layers(d: dict) -> set[str]:
+    """Shrink the layer count and keep every list and pattern that depends on it consistent; return
+    the keys already set (so that the generic size rules leave them)."""
     key = _layer_count_key(d)
     if key is None:
-        return
+        return set()
     n = d[key]
-    keep, per_layer, index_lists = _select_layers(d, n)
-    if len(keep) > n:
-        keep = keep[:n]
-    d[key] = len(keep)
+    per_layer, pointers, indexes = _classify_lists(d, n)
+    keep = _select_layers(d, n)
+    m = len(keep)
+    d[key] = m
     for k, v in per_layer.items():
         d[k] = [v[i] for i in keep]
-    for k, v in index_lists.items():
+    for k, v in pointers.items():
+        d[k] = [keep.index(v[i]) for i in keep]
+    for k, v in indexes.items():
         d[k] = [j for j, i in enumerate(keep) if i in v or i - n in v]
-    if d.get("first_k_dense_replace"):
+    overrides = _per_layer_config(d)
+    if overrides:
+        width = len(str(m - 1))
+        d["per_layer_config"] = {str(j).zfill(width): _shrink(dict(overrides[i]))
+                                 for j, i in enumerate(keep) if i in overrides}
+    done = {key, *per_layer, *pointers, *indexes}
+    if _is_int(d.get("first_k_dense_replace")):
         d["first_k_dense_replace"] = sum(i < d["first_k_dense_replace"] for i in keep)
-    # periodic patterns: shrink the period to the kept layers' pattern (period 2: layer 0 one kind,
-    # layer 1 the other), which the configs turn into layer kinds themselves
+        done.add("first_k_dense_replace")
+    # periodic patterns: the kept layers alternate kinds, so every period becomes the new count
     for period, offset in _PERIODS:
-        p = d.get(period)
-        if isinstance(p, int) and not isinstance(p, bool) and p > len(keep):
-            d[period] = len(keep)
-            if offset and isinstance(d.get(offset), int):
-                d[offset] = min(d[offset], len(keep) - 1)
-    for k in ("max_window_layers", "num_kv_shared_layers", "moe_layer_end_index", "moe_layer_start_index",
-              "loop_layer_index_start", "loop_layer_index_end", "insert_layer_id"):
-        if isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 0:
-            d[k] = min(d[k], len(keep) - (1 if k in ("num_kv_shared_layers",) else 0))
+        if _is_int(d.get(period)) and d[period] > m:
+            d[period] = m
+            if offset and _is_int(d.get(offset)):
+                d[offset] = min(d[offset], m - 1)
+    for k in ("max_window_layers", "moe_layer_end_index", "moe_layer_start_index", "insert_layer_id"):
+        if _is_int(d.get(k)) and d[k] > 0:
+            d[k] = min(d[k], m - 1 if k == "moe_layer_start_index" else m)
+    if _is_int(d.get("num_kv_shared_layers")) and d["num_kv_shared_layers"] > 0:
+        d["num_kv_shared_layers"] = min(d["num_kv_shared_layers"], m - 1)
+    return done
 
 
 def _shrink(d: dict) -> dict:
     """Shrink one config dict in place (and its sub-config dicts), then return it."""
-    heads_before = {k: v for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool)}
-    _shrink_layers(d)
+    before = {k: v for k, v in d.items() if _is_int(v)}
+    done = _shrink_layers(d)
     for k, v in list(d.items()):
-        if isinstance(v, dict) and k in ("rope_parameters", "rope_scaling"):
+        if k in done or k in ("rope_parameters", "rope_scaling", "per_layer_config"):
             continue
         if isinstance(v, dict) and _looks_like_config(v):
             _shrink(v)
-        elif isinstance(v, int) and not isinstance(v, bool):
+        elif _is_int(v):
             new = _rule(k, v, d)
             if new is not None and new > 0:
                 d[k] = new
-        elif isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        elif isinstance(v, list) and v and all(_is_int(x) for x in v):
             lk = k.lower()
             if re.search(r"(image_size|patch_size)$", lk):
                 d[k] = [min(x, IMAGE if "image" in lk else PATCH) for x in v]
@@ -283,25 +321,46 @@ def _shrink(d: dict) -> dict:
         elif isinstance(v, list) and v and all(isinstance(x, dict) and _looks_like_config(x) for x in v):
             for x in v:
                 _shrink(x)
-    # key-value heads: 1 (grouped/multi-query) or as many as the query heads (multi-head families)
-    heads = next((k for k in ("num_attention_heads", "n_head", "num_heads", "n_heads", "linear_num_value_heads",
-                              "attention_heads") if k in d), None)
+    heads = next((k for k in ("num_attention_heads", "n_head", "num_heads", "n_heads", "attention_heads",
+                              "resampler_n_heads") if _is_int(d.get(k))), None)
+    # key-value heads: as many as the query heads for a multi-head family (or when unset), else 1
     for kv in ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "num_query_groups", "multi_query_group_num"):
-        if isinstance(d.get(kv), int) and not isinstance(d.get(kv), bool) and heads:
-            d[kv] = d[heads] if heads_before.get(kv) == heads_before.get(heads) else min(d[kv], 1)
-    for prefix in ("linear_", "swa_", "index_"):
+        if kv in d and heads and (d[kv] is None or _is_int(d[kv])):
+            d[kv] = d[heads] if d[kv] is None or before.get(kv) == before.get(heads) else min(d[kv], 1)
+    for prefix in ("linear_", "swa_", "index_", "indexer_"):
         kv = f"{prefix}num_key_heads"
-        if isinstance(d.get(kv), int):
+        if _is_int(d.get(kv)):
             d[kv] = min(d[kv], 1)
+    if heads and "head_dim" in d and d["head_dim"] is None and _is_int(d.get("hidden_size")):
+        d["head_dim"] = d["hidden_size"] // d[heads]  # several defaults leave it unset and the model needs it
     _fix_mla(d)
+    _fix_mamba(d, before)
     _fix_rope(d)
     return d
+
+
+def _fix_mamba(d: dict, before: dict) -> None:
+    """Mamba-2 mixers: heads x head_dim must equal the inner width (expand x hidden, or mamba_d_ssm),
+    and the groups must divide the heads."""
+    heads = next((k for k in ("mamba_n_heads", "mamba_num_heads", "n_mamba_heads") if _is_int(d.get(k))), None)
+    head_dim = next((k for k in ("mamba_d_head", "mamba_head_dim", "mamba_headdim") if _is_int(d.get(k))), None)
+    expand = next((k for k in ("mamba_expand", "expand") if isinstance(d.get(k), (int, float))), None)
+    if heads is None and "num_heads" in d and "state_size" in d and expand:  # Mamba2Config
+        heads, head_dim = "num_heads", "head_dim"
+    if not (heads and head_dim and expand and _is_int(d.get("hidden_size"))):
+        return
+    inner = d.get("mamba_d_ssm") if _is_int(d.get("mamba_d_ssm")) else int(d[expand] * d["hidden_size"])
+    d[head_dim] = min(d[head_dim], HEAD_DIM)
+    d[heads] = max(inner // d[head_dim], 1)
+    for g in ("n_groups", "mamba_n_groups", "mamba_ngroups"):
+        if _is_int(d.get(g)):
+            d[g] = 1
 
 
 def _fix_mla(d: dict) -> None:
     """Multi-head latent attention: rotary runs on qk_rope_head_dim (which head_dim mirrors), and the
     query/key head is the nope part plus the rope part."""
-    if isinstance(d.get("qk_rope_head_dim"), int) and isinstance(d.get("qk_nope_head_dim"), int):
+    if _is_int(d.get("qk_rope_head_dim")) and _is_int(d.get("qk_nope_head_dim")):
         if "head_dim" in d:
             d["head_dim"] = d["qk_rope_head_dim"]
         if "qk_head_dim" in d:
@@ -413,6 +472,8 @@ def build(model_type: str, seed: int = 0) -> torch.nn.Module:
         raise ValueError(f"{model_type}: {skipped()[model_type]}")
     cls = model_class(model_type)
     config = tiny_config(model_type)
+    if getattr(cls, "config_class", None) is not None and cls.config_class is config.sub_configs.get("text_config"):
+        config = config.get_text_config()  # what AutoModelForCausalLM.from_config does for a composite config
     torch.manual_seed(seed)
     model = cls._from_config(config, dtype=torch.float32)
     return model.eval()

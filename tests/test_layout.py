@@ -20,8 +20,9 @@ ALLOWED = {
     "pipeline.output": ("pipeline.io", "pipeline.output", "sinq_ops"),
     "pipeline.architecture": (),
     "pipeline.conversion": (),
+    "pipeline.quantized": ("pipeline.architecture", "sinq_ops"),
     "pipeline.job": ("pipeline.io", "pipeline.sources", "pipeline.output", "pipeline.architecture",
-                     "pipeline.conversion", "pipeline.job", "sinq_ops"),
+                     "pipeline.conversion", "pipeline.quantized", "pipeline.job", "sinq_ops"),
     "pipeline": ("pipeline", "sinq_ops"),
     "jobs": ("jobs", "pipeline", "sinq_ops"),
 }

@@ -15,6 +15,7 @@ import json
 import time
 from typing import Iterator
 from ..architecture import output_problem
+from ..quantized import forward_problem
 from ..io.hf_names import INDEX_NAME
 from ..io.safetensors_io import PlannedTensor, aligned_order, grouped_order, header_bytes, write_stream
 from ..io.multipart import MIN_PART
@@ -34,15 +35,21 @@ class UnloadableOutput(ValueError):
     """The assembled output would not load into its model; nothing after the shards is written."""
 
 
-def check_plan(plan: Plan, leaves: list[str] | None = None) -> None:
-    """Raise ``UnloadableOutput`` unless the output the plan lays out, with ``leaves`` quantized (by
-    default the planned ones), loads into its model. The driver runs it once the plan is made,
-    before any unit is quantized; the reducer again only if the units quantized other leaves."""
+def check_plan(plan: Plan, leaves: dict[str, tuple[int, int]] | None = None) -> None:
+    """Raise ``UnloadableOutput`` unless the output the plan lays out, with ``leaves`` quantized (leaf
+    -> [out, in]; by default the planned ones), loads into its model and runs its forward pass. The
+    driver runs it once the plan is made, before any unit is quantized; the reducer again only if the
+    units quantized other leaves. Neither reads a tensor's data."""
     names = [o.name for u in plan.units for o in u.outputs]
-    leaves = [t.leaf for t in plan.quantized] if leaves is None else leaves
-    problem = output_problem(plan.model_config, names, leaves, plan.unwritten_buffers)
+    if leaves is None:
+        leaves = {t.leaf: (t.shape[1], t.shape[0]) if t.transpose else t.shape for t in plan.quantized}
+    problem = output_problem(plan.model_config, names, list(leaves), plan.unwritten_buffers)
     if problem is not None:
         raise UnloadableOutput(f"{plan.source.spec}: the output would not load, so it is not committed: {problem}")
+    problem = forward_problem(plan.model_config, leaves, plan.config)
+    if problem is not None:
+        raise UnloadableOutput(f"{plan.source.spec}: the output's forward pass fails in {problem}, so it is not "
+                               "committed")
 
 
 class Assembler:
@@ -193,7 +200,7 @@ class Assembler:
             raise RuntimeError(f"cannot finish: {len(missing)} units not done (first: {missing[:1]})")
         names = plan.shard_names
         weight_map = {o.name: names[s] for s, units in enumerate(plan.shards) for u in units for o in plan.units[u].outputs}
-        leaves = [leaf for u in plan.units for leaf in self.results[u.index].sidecar]
+        leaves = {leaf: tuple(meta["shape"]) for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
         if sorted(leaves) != self.planned_leaves:  # the driver checked the planned ones (check_plan)
             check_plan(plan, leaves)
         self._put_json(INDEX_NAME, {

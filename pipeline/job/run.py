@@ -14,6 +14,7 @@ import time
 from typing import Callable, Iterator
 
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -26,8 +27,8 @@ from .errors import JobError
 from .options import JobOptions
 from .plan import Plan, make_plan
 from .progress import Progress
-from .reduce import check_plan
-from .unit import staged_names
+from .reduce import Assembler, check_plan
+from .unit import process_unit, staged_names
 
 STAGING_DIR = ".staging"
 logger = logging.getLogger(__name__)
@@ -169,8 +170,33 @@ def _unwrap(exc: Exception) -> str:
     return f"a worker died and its restarts ran out: {text}" if isinstance(cause, RayActorError) else text
 
 
-def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
-    """Run the whole job; returns the manifest (or, on a dry run, the plan as a dict)."""
+def _run_in_process(plan: Plan, opts: JobOptions, dest: Location, staging: Location, key: str, t_start: float) -> dict:
+    """The job's units quantized here, one after another, and assembled here."""
+    assembler = Assembler(plan, dest, staging)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(opts.cpus_per_worker)  # as a worker runs: the same reductions, the same bytes
+    try:
+        reused = 0
+        for unit in plan.units:
+            result = process_unit(plan.source, unit, opts.quant, staging, "cpu")
+            reused += result.reused
+            assembler.add(result)
+    finally:
+        torch.set_num_threads(threads)
+        if assembler.next_shard != len(plan.shards):
+            staging.remove_partials()
+    manifest = assembler.finish({"wall_s": round(time.perf_counter() - t_start, 3), "workers": 0,
+                                 "units_reused": reused}, key)
+    dest.remove(f"{STAGING_DIR}/{key}", recursive=True)
+    dest.remove_empty_dir(STAGING_DIR)
+    return manifest
+
+
+def run_job(opts: JobOptions, log: Callable[[str], None] = print, *, in_process: bool = False) -> dict:
+    """Run the whole job; returns the manifest (or, on a dry run, the plan as a dict).
+
+    ``in_process`` quantizes unit after unit in this process, without Ray: the same plan, units,
+    staging and assembly, for small models and tests where starting a cluster costs more than the work."""
     t_start = time.perf_counter()
     source = open_source(opts.model, opts.storage)
     if opts.dry_run:
@@ -188,6 +214,8 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print) -> dict:
         return existing
     staging = dest.child(f"{STAGING_DIR}/{key}")
     _probe(staging)
+    if in_process:
+        return _run_in_process(plan, opts, dest, staging, key, t_start)
     _ensure_ray(opts)
     workers = _pool(source, opts, staging, len(plan.units))
     reducer = Reducer.options(num_cpus=0, scheduling_strategy=_on_driver_node()).remote(plan, dest, staging)
