@@ -27,7 +27,7 @@ from torch import nn
 
 # Experts modules that transformers does not describe with ``use_experts_implementation``
 # (which sets ``is_transposed``): whether each stores its matrices [in, out].
-_TRANSPOSED_EXPERTS = {"Llama4TextExperts": True}
+_TRANSPOSED_EXPERTS = {"Llama4TextExperts": True, "JetMoeParallelExperts": False}
 
 
 _BUILDING = threading.Lock()
@@ -218,8 +218,7 @@ def model_layout(model_config: dict) -> ModelLayout:
     except (ValueError, KeyError, TypeError, AttributeError, ImportError, OSError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArchitectureError(f"transformers cannot build the model config.json describes ({text})") from None
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()  # as the loader does: a tied head needs no tensor of its own
+    model.tie_weights()  # every tie transformers makes (a wrapper's language model's too): one tensor fills them
     experts_modules = expert_modules(model)
     experts: dict[str, ExpertWeights] = {}
     counts: dict[str, int] = {}  # experts module -> its number of experts

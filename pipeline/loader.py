@@ -46,9 +46,11 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.
 
 
 def _finish(model: nn.Module, label: str, device: str | torch.device) -> nn.Module:
-    """Tie what the config ties, refuse a parameter left without a tensor, move and set eval mode."""
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    """Tie as transformers' own loading ties (a tied parameter the checkpoint lacks takes its partner's
+    tensor; two present with different values stay apart), refuse a parameter left without a tensor,
+    move and set eval mode."""
+    unfilled = {n for n, p in model.named_parameters(remove_duplicate=False) if p.device.type == "meta"}
+    model.tie_weights(missing_keys=unfilled, recompute_mapping=False)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise IncompleteOutput(f"{label}: no tensor for {missing[0]} ({len(missing)} missing)")

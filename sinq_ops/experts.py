@@ -57,12 +57,16 @@ class SINQExperts(nn.Module):
         inner = self.inner
         up = "gate_up_proj" if inner.has_gate else "up_proj"
         final = torch.zeros_like(hidden)
-        if hidden.is_meta:  # no values to route by: every expert runs on every token, which checks every shape
-            for expert in range(self.num_experts):
-                h = self._project(up, expert, hidden)
-                out = self._project("down_proj", expert, inner._apply_gate(h) if inner.has_gate else inner.act_fn(h))
-                final = final + (inner.post_expert_norm(out) if inner.has_post_expert_norm else out).to(final.dtype)
-            return final
+        if hidden.is_meta:  # no values to route by (a structure check): expert 0 runs, the others match it
+            for name, mats in self.weights.items():
+                odd = next((e for e, m in enumerate(mats) if (m.in_features, m.out_features) !=
+                            (mats[0].in_features, mats[0].out_features)), None)
+                if odd is not None:
+                    raise RuntimeError(f"expert {odd}'s {name} is {mats[odd].out_features}x{mats[odd].in_features}, "
+                                       f"expert 0's {mats[0].out_features}x{mats[0].in_features}")
+            h = self._project(up, 0, hidden)
+            out = self._project("down_proj", 0, inner._apply_gate(h) if inner.has_gate else inner.act_fn(h))
+            return final + (inner.post_expert_norm(out) if inner.has_post_expert_norm else out).to(final.dtype)
         for expert in torch.unique(index).tolist():
             if not 0 <= expert < self.num_experts:  # expert-parallel sentinels select nothing here
                 continue
@@ -78,7 +82,7 @@ class SINQExperts(nn.Module):
     def _dense_forward(self, *args, **kwargs):
         """The module's own forward, on its parameters dequantized for the duration of the call."""
         for name, mats in self.weights.items():
-            w = torch.stack([m.quantized_weight().dequantize(m.compute_dtype) for m in mats])
+            w = torch.stack([m.weight for m in mats])
             setattr(self.inner, name, w.transpose(1, 2) if self.transposed else w)
         try:
             return self.inner(*args, **kwargs)

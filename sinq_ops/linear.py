@@ -53,9 +53,16 @@ class SINQLinear(nn.Module):
         each access: for models that read a Linear's weight outside its forward (Jamba's Mamba mixer
         multiplies by ``dt_proj.weight``, DeepSeek-V3.2's indexer asks ``weights_proj.weight.dtype``),
         which then compute with the quantized weight, as the same quantization applied in memory does."""
+        if self.qweight.is_meta:  # a placeholder (a structure check): the shape, dtype and device alone
+            return torch.empty((self.out_features, self.in_features), dtype=self.compute_dtype, device="meta")
         return self.quantized_weight().dequantize(self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_meta:  # no values (a structure check): what F.linear would give, at no cost
+            if x.shape[-1] != self.in_features:
+                raise RuntimeError(f"{type(self).__name__}: input of {x.shape[-1]} features, the layer takes "
+                                   f"{self.in_features}")
+            return x.new_empty((*x.shape[:-1], self.out_features))
         q = self.quantized_weight()
         h = x.to(self.compute_dtype)
         if self.config.tiling == "1D":

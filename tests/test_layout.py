@@ -21,8 +21,9 @@ ALLOWED = {
     "pipeline.architecture": (),
     "pipeline.conversion": (),
     "pipeline.quantized": ("pipeline.architecture", "sinq_ops"),
+    "pipeline.forward_check": ("pipeline.architecture", "pipeline.quantized", "sinq_ops"),
     "pipeline.job": ("pipeline.io", "pipeline.sources", "pipeline.output", "pipeline.architecture",
-                     "pipeline.conversion", "pipeline.quantized", "pipeline.job", "sinq_ops"),
+                     "pipeline.conversion", "pipeline.quantized", "pipeline.forward_check", "pipeline.job", "sinq_ops"),
     "pipeline": ("pipeline", "sinq_ops"),
     "jobs": ("jobs", "pipeline", "sinq_ops"),
 }

@@ -150,6 +150,7 @@ class Plan:
     source_format: SourceFormat = field(default_factory=SourceFormat)
     unwritten_buffers: frozenset[str] = frozenset()  # buffers no safetensors dtype holds (loaders recompute them)
     notes: list[str] = field(default_factory=list)
+    forward_check: str = ""  # how the commit check ran the output's forward pass (set once it has)
 
     @property
     def shard_names(self) -> list[str]:
@@ -176,7 +177,8 @@ class Plan:
     def structure(self) -> dict:
         """The per-kind summary as the manifest records it."""
         return {"kinds": [vars(k) for k in self.kinds], "quantized_share": round(self.quantized_share, 6),
-                "expert_matrices_quantized": sum(1 for t in self.quantized if t.expert is not None)}
+                "expert_matrices_quantized": sum(1 for t in self.quantized if t.expert is not None),
+                **({"forward_check": self.forward_check} if self.forward_check else {})}
 
     def worker_memory_bytes(self, gpu: bool = False) -> int:
         """Peak host memory of one worker: the largest of its units' (``Unit.memory_bytes``)."""

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Iterator
 from ..architecture import output_problem
-from ..quantized import forward_problem
+from ..forward_check import ForwardCheck, check_forward
 from ..io.hf_names import INDEX_NAME
 from ..io.safetensors_io import PlannedTensor, aligned_order, grouped_order, header_bytes, write_stream
 from ..io.multipart import MIN_PART
@@ -35,7 +35,7 @@ class UnloadableOutput(ValueError):
     """The assembled output would not load into its model; nothing after the shards is written."""
 
 
-def check_plan(plan: Plan, leaves: dict[str, tuple[int, int]] | None = None) -> None:
+def check_plan(plan: Plan, leaves: dict[str, tuple[int, int]] | None = None) -> ForwardCheck:
     """Raise ``UnloadableOutput`` unless the output the plan lays out, with ``leaves`` quantized (leaf
     -> [out, in]; by default the planned ones), loads into its model and runs its forward pass. The
     driver runs it once the plan is made, before any unit is quantized; the reducer again only if the
@@ -46,10 +46,11 @@ def check_plan(plan: Plan, leaves: dict[str, tuple[int, int]] | None = None) -> 
     problem = output_problem(plan.model_config, names, list(leaves), plan.unwritten_buffers)
     if problem is not None:
         raise UnloadableOutput(f"{plan.source.spec}: the output would not load, so it is not committed: {problem}")
-    problem = forward_problem(plan.model_config, leaves, plan.config)
-    if problem is not None:
-        raise UnloadableOutput(f"{plan.source.spec}: the output's forward pass fails in {problem}, so it is not "
-                               "committed")
+    check = check_forward(plan.model_config, leaves, plan.config)
+    if check.problem is not None:
+        raise UnloadableOutput(f"{plan.source.spec}: the output's forward pass fails in {check.problem} (on "
+                               f"{check.how}), so it is not committed")
+    return check
 
 
 class Assembler:

@@ -96,7 +96,9 @@ def _plan(source: Source, opts: JobOptions) -> Plan:
                      max_shard_size=opts.max_shard_size, worker_memory=opts.worker_memory,
                      include_towers=opts.include_towers)
     if not opts.dry_run:
-        check_plan(plan)
+        plan.forward_check = check_plan(plan).how
+        (logger.warning if plan.forward_check.startswith("not run") else logger.info)(
+            "forward check of the output: %s", plan.forward_check)
     logger.info("planned %d units in %d shards: %.3f GB in, %.3f GB out", len(plan.units), len(plan.shards),
                 plan.in_bytes / 1e9, plan.out_bytes / 1e9)
     return plan

@@ -1,0 +1,118 @@
+"""One family through the whole tool, as a new user meets it: a tiny random model saved in the Hub
+layout, planned, quantized and assembled in-process (no Ray: the work is milliseconds), loaded with
+``load_quantized``, and its logits compared with the model transformers itself loads from the same
+checkpoint with the same quantization applied in memory.
+
+Run in worker processes by ``test_families``; each call returns a verdict instead of raising, so
+that one family's failure is a line in the coverage table and never stops the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+GROUP_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Verdict:
+    family: str
+    status: str  # "pass", "fail" or "not built"
+    reason: str = ""
+    seconds: float = 0.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def in_memory(model: torch.nn.Module, leaves: list[str], config) -> torch.nn.Module:
+    """``model`` with each quantized leaf's weight replaced, in memory, by its quantize-dequantize round
+    trip (a Conv1D's and a transposed expert's as the [out, in] matrix they compute with)."""
+    from pipeline.architecture import expert_modules, experts_transposed, is_conv1d
+    from sinq_ops import quantize
+
+    experts = expert_modules(model)
+    with torch.no_grad():
+        for leaf in leaves:
+            param, _, number = leaf.rpartition(".")
+            module_name, _, attr = param.rpartition(".")
+            if number.isdigit() and module_name in experts:
+                stored = getattr(experts[module_name], attr)
+                transposed = experts_transposed(experts[module_name])
+                w = stored[int(number)].detach()
+                q = quantize((w.t() if transposed else w).contiguous(), **config.to_dict()).dequantize(torch.float32)
+                stored[int(number)] = q.t() if transposed else q
+                continue
+            module = model.get_submodule(leaf)
+            conv = is_conv1d(module)
+            w = module.weight.detach()
+            q = quantize((w.t() if conv else w).contiguous(), **config.to_dict()).dequantize(torch.float32)
+            module.weight.copy_(q.t() if conv else q)
+    return model
+
+
+def _logits(model: torch.nn.Module, vocab: int) -> torch.Tensor:
+    """Logits on a few tokens (the language model's hidden states where the model's own forward wants
+    pixel values as well)."""
+    from pipeline.forward_check import text_entry
+
+    ids = torch.randint(3, vocab, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        try:
+            out = text_entry(model)(input_ids=ids, use_cache=False)
+        except (ValueError, TypeError):  # the model wants pixel values for all its forward's defaults say
+            out = text_entry(model, whole=False)(input_ids=ids, use_cache=False)
+    return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
+
+
+def sweep_family(family: str, work: Path) -> Verdict:
+    """``family`` end to end in ``work`` (removed afterwards)."""
+    import families
+    import transformers
+    from pipeline.job.options import JobOptions
+    from pipeline.job.run import run_job
+    from pipeline.loader import load_quantized
+    from pipeline.output.layout import SIDECAR_NAME
+    from sinq_ops import QuantConfig
+
+    t0 = time.perf_counter()
+    src, out = work / "src", work / "out"
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                families.save(family, src)
+            except Exception as exc:  # noqa: BLE001 - a family transformers cannot build tiny is "not built"
+                return Verdict(family, "not built", _first_line(exc), time.perf_counter() - t0)
+            try:
+                run_job(JobOptions.from_settings({"model": str(src), "out": str(out), "group_size": GROUP_SIZE}),
+                        log=lambda _: None, in_process=True)
+                leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
+                config = json.loads((src / "config.json").read_text())
+                cls = getattr(transformers, config["architectures"][0])
+                reference = in_memory(cls.from_pretrained(src, dtype=torch.float32).eval(), leaves,
+                                      QuantConfig(group_size=GROUP_SIZE))
+                vocab = reference.config.get_text_config().vocab_size
+                want = _logits(reference, vocab)
+                got = _logits(load_quantized(str(out)), vocab)
+            except Exception as exc:  # noqa: BLE001 - the family's verdict, not the sweep's end
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                return Verdict(family, "fail", f"{_first_line(exc)} ({Path(where.filename).name}:{where.lineno})",
+                               time.perf_counter() - t0)
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-3):
+            diff = (got - want).abs().max().item() if got.shape == want.shape else f"shapes {list(got.shape)}"
+            return Verdict(family, "fail", f"logits differ from the in-memory quantization ({diff})",
+                           time.perf_counter() - t0)
+        return Verdict(family, "pass", f"{len(leaves)} matrices quantized", time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
