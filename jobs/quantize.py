@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = run_job(opts)
     except (JobError, ValueError, OSError) as exc:
         return cli.fail(exc)
+    except Exception as exc:  # noqa: BLE001 - anything else is a fault of this tool: one line, its type named
+        return cli.fail(exc, prefix=f"{type(exc).__name__}: ")
     if opts.dry_run:
         return 0
     print(summary(manifest, opts.out))

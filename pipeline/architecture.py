@@ -16,6 +16,7 @@ carries them). The loader builds the model it fills here too. Parameters take no
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -215,7 +216,7 @@ def model_layout(model_config: dict) -> ModelLayout:
     build it (an unknown ``model_type``, a class it does not have)."""
     try:
         model = empty_model(model_config)
-    except (ValueError, KeyError, TypeError, AttributeError, ImportError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the config cannot be built
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ArchitectureError(f"transformers cannot build the model config.json describes ({text})") from None
     model.tie_weights()  # every tie transformers makes (a wrapper's language model's too): one tensor fills them
@@ -255,6 +256,17 @@ def model_layout(model_config: dict) -> ModelLayout:
                        tuple(tuple(g) for g in groups.values()), buffers, decoder_prefix(model), kinds, shapes, model)
 
 
+@functools.lru_cache(maxsize=2)
+def _shared_layout(config_json: str) -> ModelLayout:
+    return model_layout(json.loads(config_json))
+
+
+def shared_layout(model_config: dict) -> ModelLayout:
+    """``model_layout``, built once for the planner and the commit check of the same config. Its model
+    must be read, never changed (``load_source`` fills a layout of its own)."""
+    return _shared_layout(json.dumps(model_config, sort_keys=True))
+
+
 def model_buffers(model_config: dict) -> dict[str, torch.Tensor]:
     """Buffer name -> tensor for the architecture in ``model_config``."""
     return model_layout(model_config).buffers
@@ -269,7 +281,7 @@ def output_problem(model_config: dict, names: list[str], leaves: list[str],
 
     The planner checks the source against the model before any work; this checks the output itself,
     just before its manifest makes it complete, so a planning mistake can never commit."""
-    layout = model_layout(model_config)
+    layout = shared_layout(model_config)
     quantized = set(leaves)
     modules = set(layout.linear_modules) | {w.removesuffix(".weight") for w in layout.conv1d_weights}
     supplied: set[str] = set()

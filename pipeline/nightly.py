@@ -171,8 +171,10 @@ def run_nightly(
                 row.update(status="done", seconds=round(time.perf_counter() - t0, 2),
                            output_bytes=manifest["totals"]["output_bytes"])
                 log(f"done     {entry.repo}@{resolved.commit[:12]} {cfg.name} -> {out_url}")
-            except (JobError, ValueError, OSError, RuntimeError) as exc:
-                row.update(status="failed", reason=_one_line(exc), seconds=round(time.perf_counter() - t0, 2))
+            except Exception as exc:  # noqa: BLE001 - one release that cannot be quantized never stops the others
+                reason = _one_line(exc) if isinstance(exc, (JobError, ValueError, OSError)) else \
+                    f"{type(exc).__name__}: {_one_line(exc)}"
+                row.update(status="failed", reason=reason, seconds=round(time.perf_counter() - t0, 2))
                 log(f"failed   {entry.repo}@{resolved.commit[:12]} {cfg.name}: {row['reason']}")
             finally:
                 lock.release()

@@ -62,6 +62,18 @@ def in_memory(model: torch.nn.Module, leaves: list[str], config) -> torch.nn.Mod
     return model
 
 
+def _state_mismatch(ours: torch.nn.Module, theirs: torch.nn.Module) -> str:
+    """The first tensor (every parameter and persistent buffer, vision towers' included) where the
+    model filled by this tool's conversion differs from the one transformers loaded."""
+    mine, want = ours.state_dict(), theirs.state_dict()
+    if set(mine) != set(want):
+        return f"tensors {sorted(set(mine) ^ set(want))[:3]}"
+    for name, tensor in want.items():
+        if tensor.shape != mine[name].shape or not torch.equal(tensor.float(), mine[name].float()):
+            return name
+    return ""
+
+
 def _logits(model: torch.nn.Module, vocab: int) -> torch.Tensor:
     """Logits on a few tokens (the language model's hidden states where the model's own forward wants
     pixel values as well)."""
@@ -82,7 +94,7 @@ def sweep_family(family: str, work: Path) -> Verdict:
     import transformers
     from pipeline.job.options import JobOptions
     from pipeline.job.run import run_job
-    from pipeline.loader import load_quantized
+    from pipeline.loader import load_quantized, load_source
     from pipeline.output.layout import SIDECAR_NAME
     from sinq_ops import QuantConfig
 
@@ -100,8 +112,12 @@ def sweep_family(family: str, work: Path) -> Verdict:
                 leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
                 config = json.loads((src / "config.json").read_text())
                 cls = getattr(transformers, config["architectures"][0])
-                reference = in_memory(cls.from_pretrained(src, dtype=torch.float32).eval(), leaves,
-                                      QuantConfig(group_size=GROUP_SIZE))
+                reference = cls.from_pretrained(src, dtype=torch.float32).eval()
+                mismatch = _state_mismatch(load_source(str(src)), reference)
+                if mismatch:
+                    return Verdict(family, "fail", f"the source read by load_source differs from transformers' "
+                                   f"model: {mismatch}", time.perf_counter() - t0)
+                reference = in_memory(reference, leaves, QuantConfig(group_size=GROUP_SIZE))
                 vocab = reference.config.get_text_config().vocab_size
                 want = _logits(reference, vocab)
                 got = _logits(load_quantized(str(out)), vocab)

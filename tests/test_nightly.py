@@ -122,3 +122,23 @@ def test_watch_list_errors_name_the_file_and_entry(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"destination": "s3://x", "models": [{"repo": "a/b", "configs": [{"name": "c", "bitz": 4}]}]}))
     with pytest.raises(ValueError, match=r"bad\.yaml: models\[0\]\.configs\[0\]: unknown setting 'bitz'"):
         load_watch_list(bad)
+
+
+def test_a_release_failing_in_a_way_nobody_foresaw_fails_alone_in_one_line(
+        catalog: Path, tmp_path: Path, monkeypatch) -> None:
+    from pipeline import nightly
+
+    real = nightly.run_job
+
+    def job(opts, log=print):  # tonight's release meets a fault of a kind no handler names
+        if "acme/beta" in opts.model:
+            raise TypeError("unsupported operand type(s) for *: 'dict' and 'float'\n  a second line")
+        return real(opts, log=log)
+
+    monkeypatch.setattr(nightly, "run_job", job)
+    watch = _watch(tmp_path, "s3://nightly/unforeseen", ["acme/beta", "acme/alpha"])
+    report = run_nightly(load_watch_list(watch), CatalogResolver(catalog), log=lambda _: None, job_log=lambda _: None)
+    status = {r["repo"]: (r["status"], r.get("reason", "")) for r in report["results"]}
+    assert status["acme/beta"] == ("failed", "TypeError: unsupported operand type(s) for *: 'dict' and 'float'")
+    assert status["acme/alpha"][0] == "done"
+    assert report["counts"]["failed"] == 1 and report["counts"]["done"] == 1

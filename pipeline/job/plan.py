@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sinq_ops import QuantConfig, quantized_layout
 from sinq_ops.memory import CPU_WORK_PER_ELEMENT, ERROR_CHECK_BYTES, GPU_WORK_PER_FP16_BYTE
 
-from ..architecture import ArchitectureError, ModelLayout, model_layout
+from ..architecture import ArchitectureError, ModelLayout, shared_layout
 from ..conversion import Conversion
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import shard_names
@@ -226,11 +226,11 @@ class Plan:
             f"not converted {', '.join(self.not_converted) or '-'}",
             f"assets        {', '.join(self.assets) or '-'}",
             "",
-            f"{'module kind':36s} {'quantized':>9} {'params':>14} {'kept':>6} {'params':>14}",
+            f"{'module kind':36s} {'quantized':>9} {'params':>14} {'kept':>6} {'params':>14} {'small':>5}",
         ]
         for k in self.kinds:
             lines.append(f"{k.kind[:36]:36s} {k.quantized_matrices:>9} {k.quantized_params:>14,} "
-                         f"{k.kept_tensors:>6} {k.kept_params:>14,}")
+                         f"{k.kept_tensors:>6} {k.kept_params:>14,} {k.kept_undivided or '':>5}")
         lines += ["", f"{'#':>4} {'unit':40s} {'tensors':>7} {'quant':>5} {'in MB':>10} {'out MB':>10} {'shard':>5}"]
         shard_of = {u: i + 1 for i, units in enumerate(self.shards) for u in units}
         for u in self.units:
@@ -282,7 +282,7 @@ def _inventory(source: Source) -> dict[str, tuple[str, TensorInfo]]:
 
 def _layout(source: Source, model_config: dict) -> ModelLayout:
     try:
-        return model_layout(model_config)
+        return shared_layout(model_config)
     except ArchitectureError as exc:
         raise PlanError(f"{source.spec}/config.json: {exc}") from None
 

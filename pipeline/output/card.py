@@ -187,6 +187,12 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
         "The relative error of a weight is `||W - deq(W)|| / ||W||`. `manifest.json` holds it for every tensor, "
         "with the sha256 of every file; `pipeline.output.manifest.verify` checks them.",
     ]
+    small = [k for k in manifest.get("structure", {}).get("kinds", []) if k.get("kept_undivided")]
+    if small:
+        count = sum(k["kept_undivided"] for k in small)
+        lines += ["", f"{count} matrices too small for groups of {q['group_size']} (their input features are not a "
+                  "multiple of it) are kept in full precision: " + ", ".join(
+                      f"{k['kept_undivided']} in `{k['kind']}`" for k in small) + "."]
     if evaluation:
         src, quant = evaluation["source"], evaluation["quantized"]
         lines += [
