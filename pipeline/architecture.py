@@ -71,11 +71,20 @@ def empty_model(model_config: dict) -> nn.Module:
         return transformers.AutoModelForCausalLM.from_config(config)
 
 
+def decoder_module(model: nn.Module) -> nn.Module | None:
+    """The language model's decoder (``get_decoder()``), where it holds layers: BERT-style heads name
+    their output projection ``decoder``, which is no decoder of layers."""
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    if not isinstance(decoder, nn.Module) or not any(isinstance(m, nn.ModuleList) for m in decoder.modules()):
+        return None
+    return decoder
+
+
 def decoder_prefix(model: nn.Module) -> str:
     """The module name of the language model's decoder (``model``, ``model.language_model``, ...):
     its layers are the ones quantized by default, a vision or audio tower's are not."""
-    get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else None
+    decoder = decoder_module(model)
     for name, module in model.named_modules():
         if module is decoder:
             return name

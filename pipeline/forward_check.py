@@ -30,7 +30,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from sinq_ops import QuantConfig, QuantizedWeight
 
-from .architecture import empty_model, expert_modules
+from .architecture import decoder_module, empty_model, expert_modules
 from .quantized import install
 
 # Largest model run on real tensors when fake ones cannot run it (parameters, at 4 bytes each).
@@ -145,9 +145,8 @@ def text_entry(model: nn.Module, whole: bool = True) -> nn.Module:
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if whole and set(required) <= {"input_ids"}:
         return model
-    get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else None
-    return decoder if isinstance(decoder, nn.Module) else model
+    decoder = decoder_module(model)
+    return decoder if decoder is not None else model
 
 
 def _run(model: nn.Module, *, fake: bool, whole: bool) -> str | None:

@@ -1,21 +1,22 @@
-"""A mixture-of-experts module whose expert matrices stay SINQ-quantized, one weight per expert.
+"""Experts modules whose matrices stay SINQ-quantized, one weight per expert.
 
 transformers 5 holds a model's experts as 3-D parameters (``gate_up_proj`` [experts, 2 x
 intermediate, hidden], ``down_proj`` [experts, hidden, intermediate]) in one experts module per
-layer. ``SINQExperts`` takes that module's place: it keeps the module (its activation, gate
-function, biases and flags) and replaces each quantized 3-D parameter by one ``SINQLinear`` per
-expert, which dequantizes only when that expert is selected.
+layer. ``quantize_experts`` keeps that module, its class and its own forward (Ergo's, which runs
+each route through a per-expert norm around the standard product, stays exactly what it is), and
+replaces each quantized 3-D parameter by one ``SINQLinear`` per expert:
 
-Most experts classes are described by transformers' ``use_experts_implementation`` flags
-(``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``), which every one of
-its experts implementations computes from; this module computes the same from them, for the
-selected experts only. A class without those flags (Llama 4's, which multiplies every expert
-densely) gets its own forward, run on the dequantized parameters.
+- ``selected_experts_forward`` computes the standard expert product for the selected experts only,
+  from the flags transformers' ``use_experts_implementation`` sets (``has_gate``, ``has_bias``,
+  ``is_transposed``, ``has_post_expert_norm``); a loader registers it as an experts implementation,
+  so a module's own forward reaches it wherever it would reach the standard product;
+- anything else that reads a quantized parameter (a class without those flags, such as Llama 4's,
+  which multiplies every expert densely) gets it dequantized, stacked as the module stores it.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -23,72 +24,76 @@ from torch import Tensor, nn
 from .linear import SINQLinear
 
 
-class SINQExperts(nn.Module):
-    """``experts`` with the parameters named in ``weights`` quantized: ``weights[name][e]`` computes
-    expert ``e``'s projection ``x -> x W_e^T`` (for a transposed parameter, ``x -> x W_e``, the
-    product the module computes with). Parameters not named stay ``experts``' own."""
+class SINQExperts:
+    """Mixed into the class of an experts module that ``quantize_experts`` turned quantized."""
 
-    def __init__(self, experts: nn.Module, weights: dict[str, list[SINQLinear]], *, transposed: bool) -> None:
-        super().__init__()
-        for name in weights:
-            del experts._parameters[name]
-        self.inner = experts
-        self.weights = nn.ModuleDict({name: nn.ModuleList(mats) for name, mats in weights.items()})
-        self.transposed = transposed
-        self.num_experts = len(next(iter(weights.values())))
-        self._flags = all(hasattr(experts, f) for f in ("has_gate", "has_bias", "has_post_expert_norm"))
-        forward = type(experts).forward
-        self._signature = inspect.signature(getattr(forward, "__wrapped__", forward))
+    sinq_weights: nn.ModuleDict  # parameter name -> one SINQLinear per expert
+    sinq_transposed: bool  # the module stores its matrices [in, out]
 
-    def _project(self, name: str, expert: int, x: Tensor) -> Tensor:
-        if name in self.weights:
-            out = self.weights[name][expert](x)
-        else:
-            w = getattr(self.inner, name)[expert].to(x.dtype)
-            out = x @ w if self.transposed else x @ w.t()
-        if self.inner.has_bias:
-            out = out + getattr(self.inner, f"{name}_bias")[expert].to(out.dtype)
-        return out
 
-    def forward(self, *args, **kwargs):
-        if not self._flags:
-            return self._dense_forward(*args, **kwargs)
-        hidden, index, weights = list(self._signature.bind(self.inner, *args, **kwargs).arguments.values())[1:4]
-        inner = self.inner
-        up = "gate_up_proj" if inner.has_gate else "up_proj"
-        final = torch.zeros_like(hidden)
-        if hidden.is_meta:  # no values to route by (a structure check): expert 0 runs, the others match it
-            for name, mats in self.weights.items():
-                odd = next((e for e, m in enumerate(mats) if (m.in_features, m.out_features) !=
-                            (mats[0].in_features, mats[0].out_features)), None)
-                if odd is not None:
-                    raise RuntimeError(f"expert {odd}'s {name} is {mats[odd].out_features}x{mats[odd].in_features}, "
-                                       f"expert 0's {mats[0].out_features}x{mats[0].in_features}")
-            h = self._project(up, 0, hidden)
-            out = self._project("down_proj", 0, inner._apply_gate(h) if inner.has_gate else inner.act_fn(h))
-            return final + (inner.post_expert_norm(out) if inner.has_post_expert_norm else out).to(final.dtype)
-        for expert in torch.unique(index).tolist():
-            if not 0 <= expert < self.num_experts:  # expert-parallel sentinels select nothing here
-                continue
-            tokens, slot = torch.where(index == expert)
-            h = self._project(up, expert, hidden[tokens])
-            h = inner._apply_gate(h) if inner.has_gate else inner.act_fn(h)
-            out = self._project("down_proj", expert, h)
-            if inner.has_post_expert_norm:
-                out = inner.post_expert_norm(out)
-            final.index_add_(0, tokens, (out * weights[tokens, slot, None]).to(final.dtype))
-        return final
+def quantize_experts(module: nn.Module, weights: dict[str, list[SINQLinear]], *, transposed: bool) -> nn.Module:
+    """Make ``module`` compute with ``weights`` in place of its parameters of those names:
+    ``weights[name][e]`` computes expert ``e``'s projection ``x -> x W_e^T`` (for a transposed
+    parameter, ``x -> x W_e``, the product the module computes with)."""
+    for name in weights:
+        del module._parameters[name]
+    module.sinq_weights = nn.ModuleDict({name: nn.ModuleList(mats) for name, mats in weights.items()})
+    module.sinq_transposed = transposed
+    module.__class__ = _quantized_class(type(module), tuple(sorted(weights)))
+    return module
 
-    def _dense_forward(self, *args, **kwargs):
-        """The module's own forward, on its parameters dequantized for the duration of the call."""
-        for name, mats in self.weights.items():
-            w = torch.stack([m.weight for m in mats])
-            setattr(self.inner, name, w.transpose(1, 2) if self.transposed else w)
-        try:
-            return self.inner(*args, **kwargs)
-        finally:
-            for name in self.weights:
-                delattr(self.inner, name)
 
-    def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, quantized={sorted(self.weights)}, transposed={self.transposed}"
+@functools.cache
+def _quantized_class(cls: type, names: tuple[str, ...]) -> type:
+    """``cls`` with each of ``names`` a property giving the parameter dequantized, as it is stored."""
+
+    def stacked(name: str) -> property:
+        def get(self) -> Tensor:
+            w = torch.stack([m.weight for m in self.sinq_weights[name]])
+            return w.transpose(1, 2) if self.sinq_transposed else w
+
+        return property(get, doc=f"{name}, dequantized from one SINQLinear per expert on each read")
+
+    return type(f"SINQ{cls.__name__}", (SINQExperts, cls),
+                {"__module__": cls.__module__, **{name: stacked(name) for name in names}})
+
+
+def _project(module: nn.Module, name: str, expert: int, x: Tensor) -> Tensor:
+    if name in module.sinq_weights:
+        out = module.sinq_weights[name][expert](x)
+    else:
+        w = module._parameters[name][expert].to(x.dtype)
+        out = x @ w if module.sinq_transposed else x @ w.t()
+    if module.has_bias:
+        out = out + getattr(module, f"{name}_bias")[expert].to(out.dtype)
+    return out
+
+
+def _expert(module: nn.Module, expert: int, x: Tensor) -> Tensor:
+    """One expert's output: up (gated), down, and its post-expert norm where the module has one."""
+    h = _project(module, "gate_up_proj" if module.has_gate else "up_proj", expert, x)
+    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    out = _project(module, "down_proj", expert, h)
+    return module.post_expert_norm(out) if module.has_post_expert_norm else out
+
+
+def selected_experts_forward(module: nn.Module, hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """The standard experts product of a quantized experts module, for the selected experts only:
+    each token's output is the sum over its ``top_k_index`` of the weighted expert outputs."""
+    final = torch.zeros_like(hidden)
+    count = len(next(iter(module.sinq_weights.values())))
+    if hidden.is_meta:  # no values to route by (a structure check): expert 0 runs, the others match it
+        for name, mats in module.sinq_weights.items():
+            odd = next((e for e, m in enumerate(mats) if (m.in_features, m.out_features) !=
+                        (mats[0].in_features, mats[0].out_features)), None)
+            if odd is not None:
+                raise RuntimeError(f"expert {odd}'s {name} is {mats[odd].out_features}x{mats[odd].in_features}, "
+                                   f"expert 0's {mats[0].out_features}x{mats[0].in_features}")
+        return final + _expert(module, 0, hidden).to(final.dtype)
+    for expert in torch.unique(top_k_index).tolist():
+        if not 0 <= expert < count:  # expert-parallel sentinels select nothing here
+            continue
+        tokens, slot = torch.where(top_k_index == expert)
+        out = _expert(module, expert, hidden[tokens])
+        final.index_add_(0, tokens, (out * top_k_weights[tokens, slot, None]).to(final.dtype))
+    return final

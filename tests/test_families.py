@@ -42,15 +42,17 @@ def verdicts() -> dict[str, Verdict]:
 
 
 def test_the_sweep_passes_nearly_every_family_transformers_registers(verdicts: dict[str, Verdict], capsys) -> None:
-    built = [v for v in verdicts.values() if v.status != "not built"]
+    built = [v for v in verdicts.values() if v.status not in ("not built", "not runnable")]
     passing = [v for v in built if v.status == "pass"]
+    unrunnable = sum(v.status == "not runnable" for v in verdicts.values())
     with capsys.disabled():
         print(f"\nfamily sweep: {len(passing)} passing / {len(built)} built / {len(verdicts)} registered "
-              f"(decoder-only and image-text-to-text; {len(families.skipped())} encoder-decoder left out)")
+              f"(decoder-only and image-text-to-text; {len(families.skipped())} encoder-decoder left out; "
+              f"{unrunnable} whose own transformers model does not run on text)")
         for v in sorted(verdicts.values(), key=lambda v: (v.status == "pass", v.family)):
             if v.status != "pass":
                 print(f"  {v.status:9s} {v.family}: {v.reason}")
-    assert len(built) >= 0.9 * len(verdicts), "most registered families should build tiny"
+    assert len(built) >= 0.9 * len(verdicts), "most registered families should build tiny and run"
     assert len(passing) >= REQUIRED_SHARE * len(built), [f"{v.family}: {v.reason}" for v in built if v.status != "pass"]
 
 
