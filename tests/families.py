@@ -597,6 +597,9 @@ _OVERRIDES: dict[str, dict[str, Any]] = {
     # a millionth of the quantized parameters and stay in full precision (under 0.1%). Wider MLPs keep
     # that true of the tiny model too.
     "gemma3n_text": {"intermediate_size": [8 * FFN] * 6},
+    # AXK2's gated norms project through a rank-16 MLP: in the real model (hidden 2048, 128 experts) a
+    # ten-thousandth of its quantized parameters, kept in full precision; 32x narrower, they would not be
+    "axk2": {"gated_norm_rank": RANK},
 }
 _OVERRIDES["qwen4_exp"] = {f"text_config/{k}": v for k, v in _OVERRIDES["qwen4_exp_text"].items()}
 
