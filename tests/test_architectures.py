@@ -18,7 +18,6 @@ from pipeline.loader import load_quantized, load_source
 from pipeline.output.layout import SIDECAR_NAME
 from sinq_ops import QuantConfig, quantize
 
-pytestmark = pytest.mark.usefixtures("local_ray")
 CONFIG = QuantConfig(group_size=32)
 MODELS = {
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=2, n_positions=64)),
@@ -34,7 +33,7 @@ def test_output_loads_and_computes_the_in_memory_quantized_model(family: str, tm
     MODELS[family]().save_pretrained(tmp_path / "src")
     out = tmp_path / "out"
     manifest = run_job(JobOptions.from_settings({"model": str(tmp_path / "src"), "out": str(out), "group_size": 32,
-                                                 "workers": 2}), log=lambda _: None)
+                                                 "workers": 2}), log=lambda _: None, in_process=True)
     leaves = json.loads((out / SIDECAR_NAME).read_text())
     assert len(leaves) == 2 * 4 and manifest["totals"]["tensors_quantized"] == 8
     model = load_source(str(tmp_path / "src"))

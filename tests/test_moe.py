@@ -29,10 +29,11 @@ CONFIG = QuantConfig(group_size=32)
 GATES = ("mlp.gate.", "feed_forward.router.", "mlp.router.", "shared_expert_gate.", "block_sparse_moe.gate.")
 
 
-def _job(src: Path, out: Path, **settings) -> dict:
+def _job(src: Path, out: Path, *, in_process: bool = False, **settings) -> dict:
+    """The job on the module's Ray, or ``in_process`` where what is tested is the model, not the cluster."""
     opts = JobOptions.from_settings({"model": str(src), "out": str(out), "group_size": CONFIG.group_size,
                                      "workers": 2, **settings})
-    return run_job(opts, log=lambda _: None)
+    return run_job(opts, log=lambda _: None, in_process=in_process)
 
 
 def _in_memory(src: Path, leaves: list[str]) -> torch.nn.Module:
@@ -65,7 +66,7 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("family", sorted(moe_models.configs()))
 def test_family_quantizes_loads_and_computes_the_in_memory_quantized_model(family: str, tmp_path: Path) -> None:
     src = moe_models.save(family, tmp_path / "src")
-    manifest = _job(src, tmp_path / "out")
+    manifest = _job(src, tmp_path / "out", in_process=True)
     out = tmp_path / "out"
     leaves = sorted(json.loads((out / SIDECAR_NAME).read_text()))
 
@@ -121,8 +122,8 @@ def test_both_expert_layouts_give_the_same_output(tmp_path: Path) -> None:
     fused = moe_models.save("qwen3_moe", tmp_path / "fused", fused=True, seed=3)
     assert any(".experts.0.gate_proj." in n for n in read_dir_tensors(per_expert))
     assert any(n.endswith(".experts.gate_up_proj") for n in read_dir_tensors(fused))
-    _job(per_expert, tmp_path / "a")
-    _job(fused, tmp_path / "b")
+    _job(per_expert, tmp_path / "a", in_process=True)
+    _job(fused, tmp_path / "b", in_process=True)
     a, b = file_bytes(tmp_path / "a"), file_bytes(tmp_path / "b")
     shards = [n for n in a if n.endswith(".safetensors")]
     assert shards and all(a[n] == b[n] for n in shards)

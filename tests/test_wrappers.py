@@ -18,7 +18,6 @@ from pipeline.output.layout import SIDECAR_NAME
 from pipeline_checks import read_dir_tensors
 from test_moe import _in_memory
 
-pytestmark = pytest.mark.usefixtures("local_ray")
 TEXT = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
@@ -54,7 +53,7 @@ def test_wrapper_keeps_its_vision_tower_and_loads_as_the_class_it_names(family: 
     model.save_pretrained(tmp_path / "src")
     out = tmp_path / "out"
     run_job(JobOptions.from_settings({"model": str(tmp_path / "src"), "out": str(out), "group_size": 32,
-                                      "workers": 2}), log=lambda _: None)
+                                      "workers": 2}), log=lambda _: None, in_process=True)
     leaves = json.loads((out / SIDECAR_NAME).read_text())
     assert len(leaves) >= 2 * 7 and all("language_model." in leaf for leaf in leaves)
     written = read_dir_tensors(out)
@@ -78,7 +77,7 @@ def test_wrapper_keeps_its_vision_tower_and_loads_as_the_class_it_names(family: 
 
     towers = tmp_path / "towers"
     run_job(JobOptions.from_settings({"model": str(tmp_path / "src"), "out": str(towers), "group_size": 32,
-                                      "workers": 2, "include_towers": True}), log=lambda _: None)
+                                      "workers": 2, "include_towers": True}), log=lambda _: None, in_process=True)
     more = json.loads((towers / SIDECAR_NAME).read_text())
     assert set(leaves) < set(more) and any(n.startswith(("model.visual.", "model.vision_tower.", "vision_model.")) for n in more)
     load_quantized(str(towers))
