@@ -169,10 +169,12 @@ def map_checkpoint(
         else:
             if renamed in plain:
                 raise ConversionError(f"tensor {key!r} fills {renamed}, which another tensor fills too")
-            _, sources = collected.setdefault(renamed, (copy.deepcopy(by_pattern[pattern]), {}))
-            sources.setdefault(pattern, []).append(key)
+            if renamed not in collected:  # each group gets its own converter, as transformers' loader gives it
+                collected[renamed] = (copy.deepcopy(by_pattern[pattern]), {})
+            collected[renamed][1].setdefault(pattern, []).append(key)
 
     groups = []
+    memo: dict[tuple, Group] = {}  # layers alike: one meta run serves them all
     firsts = [(key, target) for target, key in plain.items()] + [(s[0], t) for t, (_, src) in collected.items()
                                                                   for s in [next(iter(src.values()))]]
     for first, target in sorted(firsts, key=lambda kt: dot_natural_key(kt[0])):  # errors in checkpoint order
@@ -183,20 +185,71 @@ def map_checkpoint(
             groups.append(Group(None, (("", (first,)),), {target: tuple(shapes[target])}))
         else:
             converter, sources = collected[target]
-            groups.append(_converted(model.config, target, converter, sources, tensors, shapes, experts or {}))
+            original = by_pattern[next(iter(sources))]
+            groups.append(_converted(model.config, target, converter, sources, tensors, shapes, experts or {},
+                                     memo, id(original)))
     return groups, unplaced
+
+
+def _numbers(name: str) -> list[str]:
+    return [part for part in name.split(".") if part.isdigit()]
+
+
+def _template(name: str, numbers: list[str]) -> str | None:
+    """``name`` with its numbers (layer, expert) as ``#``, where they are ``numbers`` in order."""
+    if _numbers(name) != numbers:
+        return None
+    return ".".join("#" if part.isdigit() else part for part in name.split("."))
+
+
+def _filled(template: str, numbers: list[str]) -> str:
+    it = iter(numbers)
+    return ".".join(next(it) if part == "#" else part for part in template.split("."))
+
+
+def _recalled(memo: dict[tuple, Group], signature: tuple, key: str, converter: Any, config: Any,
+              sources: dict[str, list[str]], shapes: dict[str, tuple[int, ...]]) -> Group | None:
+    """The group a converter makes of ``sources``, from the meta run of an alike group of another layer
+    (the same converter, inputs of the same shapes): its targets and consulted shapes renumbered, and
+    used only where the model has them so."""
+    cached = memo.get(signature)
+    if cached is None:
+        return None
+    numbers = _numbers(key)
+    targets = {_filled(t, numbers): shape for t, shape in cached.targets.items()}
+    asked = {_filled(t, numbers): shape for t, shape in cached.conversion.shapes.items()}
+    if any(shapes.get(n) != s for n, s in {**targets, **asked}.items()):
+        return None
+    conversion = Conversion(key, converter, config, asked)
+    return Group(conversion, tuple((p, tuple(keys)) for p, keys in sources.items()), targets, cached.per_expert)
+
+
+def _remember(memo: dict[tuple, Group], signature: tuple, key: str, group: Group) -> None:
+    numbers = _numbers(key)
+    targets = {_template(t, numbers): s for t, s in group.targets.items()}
+    asked = {_template(t, numbers): s for t, s in group.conversion.shapes.items()}
+    if None not in targets and None not in asked:
+        conversion = Conversion(_template(key, numbers), None, None, asked)
+        memo[signature] = Group(conversion, (), targets, group.per_expert)
 
 
 def _converted(config: Any, key: str, converter: Any, sources: dict[str, list[str]],
                tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], shapes: dict[str, tuple[int, ...]],
-               experts: dict[str, int]) -> Group:
-    """One converter's group, its targets from its own operations run on meta tensors."""
-    stand_in = _Shapes(shapes, config, record=True)
-    inputs = {p: [torch.empty(tensors[k][0], dtype=tensors[k][1], device="meta") for k in keys]
-              for p, keys in sources.items()}
+               experts: dict[str, int], memo: dict[tuple, Group], kind: int) -> Group:
+    """One converter's group, its targets from its own operations run on meta tensors (or recalled
+    from an alike group's run)."""
     first = next(iter(sources.values()))[0]
     steps = Conversion(key, converter, config).steps
     _check_lists(key, sources, tensors, experts.get(key), steps)
+    template = _template(key, _numbers(key))
+    signature = (kind, template, experts.get(key),
+                 tuple((p, len(keys), tensors[keys[0]][0], tensors[keys[0]][1]) for p, keys in sources.items()))
+    recalled = _recalled(memo, signature, key, converter, config, sources, shapes)
+    if recalled is not None:
+        return recalled
+    stand_in = _Shapes(shapes, config, record=True)
+    inputs = {p: [torch.empty(tensors[k][0], dtype=tensors[k][1], device="meta") for k in keys]
+              for p, keys in sources.items()}
     try:
         out = _run(converter, key, stand_in, inputs)
     except Exception as exc:  # noqa: BLE001 - any failure of transformers' operation is this tensor's refusal
@@ -216,7 +269,8 @@ def _converted(config: Any, key: str, converter: Any, sources: dict[str, list[st
     ordered = tuple((p, tuple(keys)) for p, keys in sources.items())
     group = Group(conversion, ordered, targets)
     if _per_expert(group, tensors, experts):
-        return Group(conversion, ordered, targets, per_expert=True)
+        group = Group(conversion, ordered, targets, per_expert=True)
+    _remember(memo, signature, key, group)
     return group
 
 

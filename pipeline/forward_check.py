@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from sinq_ops import QuantConfig, QuantizedWeight
 
@@ -168,7 +167,7 @@ def _run(model: nn.Module, *, fake: bool, whole: bool) -> str | None:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # it logs a traceback for every operation fake tensors cannot run
     try:
-        with (FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) if fake else nullcontext()), \
+        with (FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()), \
                 torch.no_grad():
             entry(input_ids=ids, use_cache=False)
     except Exception as exc:  # noqa: BLE001 - whatever the forward raises is the reason not to commit

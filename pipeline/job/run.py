@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import ray
@@ -95,13 +96,16 @@ def _plan(source: Source, opts: JobOptions) -> Plan:
     plan = make_plan(source, opts.quant, include=list(opts.include), exclude=list(opts.exclude),
                      max_shard_size=opts.max_shard_size, worker_memory=opts.worker_memory,
                      include_towers=opts.include_towers)
-    if not opts.dry_run:
-        plan.forward_check = check_plan(plan).how
-        (logger.warning if plan.forward_check.startswith("not run") else logger.info)(
-            "forward check of the output: %s", plan.forward_check)
     logger.info("planned %d units in %d shards: %.3f GB in, %.3f GB out", len(plan.units), len(plan.shards),
                 plan.in_bytes / 1e9, plan.out_bytes / 1e9)
     return plan
+
+
+def _checked(plan: Plan, check: Future) -> None:
+    """Wait for the commit check (``check_plan``) and record how its forward pass ran."""
+    plan.forward_check = check.result().how
+    (logger.warning if plan.forward_check.startswith("not run") else logger.info)(
+        "forward check of the output: %s", plan.forward_check)
 
 
 def _pool(source: Source, opts: JobOptions, staging: Location, units: int) -> list:
@@ -208,18 +212,28 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print, *, in_process:
                 **plan.structure()}
 
     plan = _plan(source, opts)
-    dest = Location(opts.out, opts.storage)
-    key = run_key(source, opts)
-    existing = _existing_output(dest, key, opts)
-    if existing is not None:
-        log(f"{dest.url} already holds this job's complete output; nothing to do")
-        return existing
-    staging = dest.child(f"{STAGING_DIR}/{key}")
-    _probe(staging)
-    if in_process:
-        return _run_in_process(plan, opts, dest, staging, key, t_start)
-    _ensure_ray(opts)
-    workers = _pool(source, opts, staging, len(plan.units))
+    # The commit check needs the plan alone: it runs while the destination is probed, Ray starts and
+    # the workers import torch, and the job waits for it before the first unit goes out.
+    with ThreadPoolExecutor(1, thread_name_prefix="commit-check") as checker:
+        check = checker.submit(check_plan, plan)
+        dest = Location(opts.out, opts.storage)
+        key = run_key(source, opts)
+        existing = _existing_output(dest, key, opts)
+        if existing is not None:
+            log(f"{dest.url} already holds this job's complete output; nothing to do")
+            return existing
+        staging = dest.child(f"{STAGING_DIR}/{key}")
+        _probe(staging)
+        if in_process:
+            _checked(plan, check)
+            return _run_in_process(plan, opts, dest, staging, key, t_start)
+        _ensure_ray(opts)
+        workers = _pool(source, opts, staging, len(plan.units))
+        try:
+            _checked(plan, check)
+        except BaseException:
+            _stop(workers, busy=False)
+            raise
     reducer = Reducer.options(num_cpus=0, scheduling_strategy=_on_driver_node()).remote(plan, dest, staging)
     staged = _staged_earlier(plan, staging)
     if staged:
