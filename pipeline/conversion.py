@@ -21,6 +21,7 @@ so a layer can still be split into units by groups of experts.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,11 +106,16 @@ class Group:
     def keys(self) -> tuple[str, ...]:
         return tuple(k for _, keys in self.sources for k in keys)
 
+    @functools.cached_property
+    def _expert_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The parameter shapes an operation may consult, as one expert's inputs see them."""
+        return {n: (1, *s[1:]) if n in self.targets else s for n, s in self.conversion.shapes.items()}
+
     def expert_conversion(self, expert: int) -> Conversion:
         """The conversion of expert ``expert``'s inputs (``per_expert`` groups only)."""
         assert self.conversion is not None and self.per_expert
-        shapes = {n: (1, *s[1:]) if n in self.targets else s for n, s in self.conversion.shapes.items()}
-        return Conversion(self.conversion.key, self.conversion.converter, self.conversion.config, shapes, expert)
+        return Conversion(self.conversion.key, self.conversion.converter, self.conversion.config, self._expert_shapes,
+                          expert)
 
 
 # Operations that act within each expert's matrix when they leave dimension 0 (the expert) alone.

@@ -93,14 +93,10 @@ def source_groups(
     A tensor with no place in the model, or one its conversion cannot turn into the model's tensor
     of the right shape, is refused here, naming the file and tensor, instead of ending in an
     output that cannot load."""
-    pieces: dict[str, Piece] = {}
     decoded: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name, (file, info) in inventory.items():
-        scale_file, scale = scales.get(name, ("", None))
-        pieces[name] = Piece(file, info, scale, scale_file, fmt.block if scale is not None else None,
-                             fmt.method if scale is not None else "")
-        decoded[name] = (logical_shape(info, fmt, scale is not None),
-                         torch.float32 if scale is not None else info.torch_dtype)
+    for name, (_, info) in inventory.items():
+        paired = name in scales
+        decoded[name] = (logical_shape(info, fmt, paired), torch.float32 if paired else info.torch_dtype)
     experts = {name: ew.experts for name, ew in layout.expert_weights.items()}
     try:
         groups, unplaced = map_checkpoint(layout.model, layout.shapes, decoded, experts)
@@ -117,6 +113,12 @@ def source_groups(
                            "model config.json describes, so the output would not load")
     out = []
     for group in groups:
-        patterned = {k: Piece(**{**vars(pieces[k]), "pattern": p}) for p, keys in group.sources for k in keys}
-        out.append(SourceGroup(group, patterned))
+        pieces = {}
+        for pattern, keys in group.sources:
+            for k in keys:
+                file, info = inventory[k]
+                scale_file, scale = scales.get(k, ("", None))
+                pieces[k] = Piece(file, info, scale, scale_file, fmt.block if scale is not None else None,
+                                  fmt.method if scale is not None else "", pattern)
+        out.append(SourceGroup(group, pieces))
     return out, skipped

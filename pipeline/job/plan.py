@@ -398,11 +398,11 @@ def make_plan(
         tasks: list[TensorTask] = []
         if group.per_expert and all(n in quantized for n in group.targets):
             count = layout.expert_weights[next(iter(group.targets))].experts
+            targets = [(name, layout.expert_weights[name].transposed) for name in sorted(group.targets)]
             for e in range(count):
                 conversion, mine = group.expert_conversion(e), sg.expert(e, count)
-                for name in sorted(group.targets):
-                    tasks.append(quantized_task(name, f"{name}.{e}", mine, layout.expert_weights[name].transposed, e,
-                                                conversion, dtype))
+                for name, transposed in targets:
+                    tasks.append(quantized_task(name, f"{name}.{e}", mine, transposed, e, conversion, dtype))
                     mine = ()
             return tasks
         held = pieces
