@@ -6,13 +6,13 @@ Runs, in one go on one machine, the same two commands with this tree and with a 
 - the dry run of ``synthetic://deepseek-v3`` (61 layers of 256 experts: the planner's worst case);
 - the quick start: SmolLM2-135M-Instruct quantized to 4 bits on a local Ray (``jobs.quantize``).
 
-Each is timed as a whole process (start to exit), the median of ``--repeats`` runs, and the extra
-seconds are given as a share of the baseline's. Then, in this process and with this tree, the two
+Each is timed as a whole process (start to exit), the median of ``--repeats`` runs alternating
+between the two trees, and the extra seconds are given as a share of the baseline's. Then, in this process and with this tree, the two
 new stages on their own: grouping the checkpoint's tensors by transformers' conversions (its
 operations run on meta tensors) and the commit check (output tensors against the model, and the
 forward pass on fake tensors).
 
-    python bench/release_checks.py [--baseline REV] [--repeats 3]
+    python bench/release_checks.py [--baseline REV] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -45,12 +45,15 @@ def _timed(tree: Path, args: list[str], out: Path | None) -> float:
     return seconds
 
 
-def _median(tree: Path, args: list[str], repeats: int, scratch: Path, tag: str) -> float:
-    times = []
+def _medians(trees: tuple[Path, Path], args: list[str], repeats: int, scratch: Path) -> tuple[float, float]:
+    """The median wall time of ``args`` with each tree, their runs alternating so that the machine's
+    drift over the minutes weighs on both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     for i in range(repeats):
-        out = scratch / f"{tag}-{i}" if "--dry-run" not in args else None
-        times.append(_timed(tree, args, out))
-    return statistics.median(times)
+        for side, tree in enumerate(trees):
+            out = scratch / f"{side}-{i}" if "--dry-run" not in args else None
+            times[side].append(_timed(tree, args, out))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _stages(spec: str) -> tuple[float, float, float]:
@@ -92,7 +95,7 @@ def _stages(spec: str) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--baseline", default=BASELINE)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
     from jobs.demo_model import smollm2_checkpoint
@@ -107,13 +110,12 @@ def main() -> None:
             rows = []
             for label, job in (("dry run, synthetic://deepseek-v3", ["--model", "synthetic://deepseek-v3", "--dry-run"]),
                                ("quick start, SmolLM2-135M 4-bit (local Ray)", ["--model", smollm2, "--workers", "2"])):
-                base = _median(before, job, args.repeats, scratch, "before")
-                now = _median(ROOT, job, args.repeats, scratch, "after")
+                base, now = _medians((before, ROOT), job, args.repeats, scratch)
                 rows.append((label, base, now))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, capture_output=True)
 
-    print(f"baseline {args.baseline}, median of {args.repeats} process runs each\n")
+    print(f"baseline {args.baseline}, median of {args.repeats} process runs each, alternating\n")
     print("| command | baseline s | now s | added s | added % |")
     print("|---|---|---|---|---|")
     for label, base, now in rows:
