@@ -70,12 +70,17 @@ class Conversion:
 
     @property
     def steps(self) -> str:
-        return ", ".join(type(op).__name__ for op in self.converter.operations)
+        return _steps(self.converter)
 
     def apply(self, inputs: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Model tensor name -> tensor, from checkpoint tensors by source pattern, in transformers'
         order (every expert's, or with ``expert`` that expert's alone)."""
         return _run(self.converter, self.key, _Shapes(self.shapes, self.config), inputs)
+
+
+def _steps(converter: Any) -> str:
+    """A converter's operations, by name, for messages."""
+    return ", ".join(type(op).__name__ for op in converter.operations)
 
 
 def _run(converter: Any, key: str, model: _Shapes, inputs: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -181,8 +186,8 @@ def map_checkpoint(
 
     groups = []
     memo: dict[tuple, Group] = {}  # layers alike: one meta run serves them all
-    firsts = [(key, target) for target, key in plain.items()] + [(s[0], t) for t, (_, src) in collected.items()
-                                                                  for s in [next(iter(src.values()))]]
+    firsts = [(key, target) for target, key in plain.items()]
+    firsts += [(next(iter(sources.values()))[0], target) for target, (_, sources) in collected.items()]
     for first, target in sorted(firsts, key=lambda kt: dot_natural_key(kt[0])):  # errors in checkpoint order
         if target in plain:
             if tuple(tensors[first][0]) != tuple(shapes[target]):
@@ -245,7 +250,7 @@ def _converted(config: Any, key: str, converter: Any, sources: dict[str, list[st
     """One converter's group, its targets from its own operations run on meta tensors (or recalled
     from an alike group's run)."""
     first = next(iter(sources.values()))[0]
-    steps = Conversion(key, converter, config).steps
+    steps = _steps(converter)
     _check_lists(key, sources, tensors, experts.get(key), steps)
     template = _template(key, _numbers(key))
     signature = (kind, template, experts.get(key),

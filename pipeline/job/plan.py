@@ -5,6 +5,7 @@ Nothing here touches tensor data: the driver plans a 70B model from a few MB of 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -424,10 +425,15 @@ def make_plan(
 
     tasks_of: dict[str, list[TensorTask]] = {}
     for sg in sorted(groups, key=lambda g: min(g.group.targets)):
+        held: set[str] = set()  # the blocks in which the group's conversion has a task holding its pieces
         for task in tasks_for(sg):
             m = LAYER_PATTERN.match(task.name)
-            tasks_of.setdefault(m.group(1) if m else task.name, []).append(task)
-    tensors = filled
+            block = m.group(1) if m else task.name
+            if task.conversion is not None and task.conversion.expert is None and block not in held:
+                # A conversion whose tensors land in several blocks (so several units) runs in each of them.
+                task = dataclasses.replace(task, pieces=task.pieces or sg.ordered())
+                held.add(block)
+            tasks_of.setdefault(block, []).append(task)
 
     for tasks in tasks_of.values():
         # A layer's other tensors, then its experts in order: the order of the unsplit layer is that
@@ -436,8 +442,8 @@ def make_plan(
     blocks = sorted(tasks_of, key=lambda b: (LAYER_PATTERN.match(b + ".") is not None, _layer_key(b)))
     # Buffers the model computes from its config, written for loaders that insist on them; a complex
     # one (Llama 4's vision rotary table) has no safetensors dtype, and every loader recomputes it.
-    buffers = {n: b for n, b in layout.buffers.items() if n not in tensors and b.dtype in DTYPE_NAMES}
-    unwritten = frozenset(n for n, b in layout.buffers.items() if n not in tensors and b.dtype not in DTYPE_NAMES)
+    buffers = {n: b for n, b in layout.buffers.items() if n not in filled and b.dtype in DTYPE_NAMES}
+    unwritten = frozenset(n for n, b in layout.buffers.items() if n not in filled and b.dtype not in DTYPE_NAMES)
     grouped: list[tuple[str, list[list[TensorTask]]]] = []
     for block in blocks:
         if LAYER_PATTERN.match(block + ".") is None:
@@ -472,7 +478,7 @@ def make_plan(
     quantized_tasks = [t for u in units for t in u.tasks if t.quantize]
     quantized = {t.name for t in quantized_tasks}
     not_converted = sorted(
-        {n.removesuffix(".weight") for n in tensors if n.removesuffix(".weight") in layout.linear_modules
+        {n.removesuffix(".weight") for n in filled if n.removesuffix(".weight") in layout.linear_modules
          and n not in quantized} | {"lm_head"}
     )
     notes = []
@@ -488,7 +494,7 @@ def make_plan(
         notes.append(f"large shards  {len(oversized)} layers exceed --max-shard-size on their own (first: "
                      f"{oversized[0]}); a layer is never split across shards, so their shards are larger")
     return Plan(source, config, units, shards, model_config, source.assets(), not_converted, max_shard_size,
-                worker_memory, _kinds(layout, tensors, units, {n for n, _, _ in undivided}), source_format=fmt, unwritten_buffers=unwritten,
+                worker_memory, _kinds(layout, filled, units, {n for n, _, _ in undivided}), source_format=fmt, unwritten_buffers=unwritten,
                 notes=notes)
 
 
