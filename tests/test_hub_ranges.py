@@ -128,4 +128,6 @@ def test_hub_tensors_are_read_by_range_without_downloading_a_shard(hub, monkeypa
     fetched = sum(int(b) - int(a) + 1 for _, r in gets for a, b in [r.removeprefix("bytes=").split("-")])
     assert fetched < 0.7 * sum(sizes.values())
     cached = Path(constants.HF_HUB_CACHE) / "models--acme--ranged" / "snapshots" / COMMIT
-    assert sorted(os.listdir(cached)) == ["config.json", "model.safetensors.index.json"]
+    # Small files (config, index, the assets checked at plan time) are cached; no shard ever is.
+    assert "model.safetensors.index.json" in os.listdir(cached)
+    assert not [n for n in os.listdir(cached) if n.endswith(".safetensors")]

@@ -191,7 +191,7 @@ def test_hub_sources_online_list_the_repo_at_its_commit(monkeypatch) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(HfApi, "list_repo_files", list_repo_files)
     hub = HubSource(spec="acme/x", location=Location("/nonexistent"), repo_id="acme/x", revision="c0ffee")
-    assert hub.assets() == ["tokenizer.json", "LICENSE.txt", "NOTICE", "USE_POLICY.md"]
+    assert hub.asset_names() == ["tokenizer.json", "LICENSE.txt", "NOTICE", "USE_POLICY.md"]
     assert calls == [("acme/x", "c0ffee")]
 
 

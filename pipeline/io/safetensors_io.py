@@ -65,11 +65,14 @@ def read_header(f: BinaryIO, file_size: int, label: str) -> dict[str, TensorInfo
     if len(head) < 8:
         raise SafetensorsError(f"{label}: truncated safetensors file ({file_size} bytes)")
     (length,) = struct.unpack("<Q", head)
-    if length > MAX_HEADER_BYTES or 8 + length > file_size:
+    if 8 + length > file_size:
         raise SafetensorsError(f"{label}: header length {length} exceeds the file size {file_size}")
+    if length > MAX_HEADER_BYTES:
+        raise SafetensorsError(f"{label}: header of {length} bytes, over the {MAX_HEADER_BYTES // 2**20} MiB cap for "
+                               "a safetensors header")
     try:
         raw = json.loads(f.read(length), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SafetensorsError(f"{label}: header is not valid JSON ({exc.__class__.__name__})") from None
     except _DuplicateKey as exc:
         raise SafetensorsError(f"{label}: tensor {exc.args[0]!r} is named twice in the header") from None

@@ -18,6 +18,7 @@ from ..io.ranges import read_ranges
 from ..io.safetensors_io import TensorInfo, read_header, tensor_from_bytes
 from ..io.storage import Location
 from .base import Source, SourceError
+from .containment import check_name, check_size, local_file, read_local
 
 # Hub reads: requests in flight per unit, and the largest single range.
 CONCURRENCY = 16
@@ -36,11 +37,16 @@ class HubSource(Source):
     def _local(self, name: str) -> str:
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(self.repo_id, name, revision=self.revision)
+        return hf_hub_download(self.repo_id, name, revision=self.revision, endpoint=self.endpoint or None)
 
     def read_bytes(self, name: str) -> bytes:
-        with open(self._local(name), "rb") as f:
-            return f.read()
+        """Through the cache, checked there as any local checkpoint's files are (a snapshot's links
+        into its own blobs allowed); a file not yet cached has its size checked before it is fetched."""
+        check_name(self.spec, name)
+        if not isinstance(self._cached(name), str):
+            check_size(self.spec, name, self._remote_size(name))
+        path = self._local(name)  # <cache>/models--org--name/snapshots/<commit>/<name>
+        return read_local(self.spec, path[: -len(name)].rstrip("/"), name)
 
     def _cached(self, name: str) -> str | None | object:
         from huggingface_hub import try_to_load_from_cache
@@ -51,12 +57,17 @@ class HubSource(Source):
         """Without downloading: the cache, else (online) the Hub's file listing."""
         from huggingface_hub import HfApi, constants
 
-        cached = self._cached(name)
+        cached = self._cached(check_name(self.spec, name))
         if isinstance(cached, str):
             return True
         if cached is not None or constants.HF_HUB_OFFLINE:
             return False
         return HfApi(endpoint=self.endpoint or None).file_exists(self.repo_id, name, revision=self.revision)
+
+    def _check_file(self, name: str) -> None:
+        """A cached file is checked where it lies; one not cached is read from the Hub by name."""
+        if isinstance(self._cached(name), str):
+            super()._check_file(name)
 
     def list_files(self) -> list[str]:
         """The repo's top-level files at the commit: the cached snapshot when offline (what can be
@@ -72,8 +83,9 @@ class HubSource(Source):
         label = f"{self.spec}/{name}"
         cached = self._cached(name)
         if isinstance(cached, str):
-            with open(cached, "rb") as f:
-                return read_header(f, os.path.getsize(cached), label)
+            path, size = local_file(self.spec, cached[: -len(name)].rstrip("/"), name)
+            with open(path, "rb") as f:
+                return read_header(f, size, label)
         size = self._remote_size(name)
         head = bytes(self._remote([(name, 0, min(8, size))])[0])
         length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
