@@ -40,7 +40,7 @@ from sinq_ops import QuantConfig  # noqa: E402
 def dense_model(src: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, trust_remote_code=False).eval()
 
 
 def reference_sinq_model(src: Path, bits: int, group: int):
@@ -65,7 +65,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     src = smollm2_checkpoint(Path(os.environ.get("SINQ_CACHE", ROOT / ".cache")))
-    ids = text_windows(AutoTokenizer.from_pretrained(str(src)), Path(args.text).read_text(), args.ctx, args.windows)
+    ids = text_windows(AutoTokenizer.from_pretrained(str(src), trust_remote_code=False), Path(args.text).read_text(), args.ctx, args.windows)
     work = Path(tempfile.mkdtemp(prefix="sinq-quality-"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SINQ_AUTO_PATCH": "0"}})
     t0 = time.perf_counter()

@@ -41,8 +41,9 @@ def smollm2_checkpoint(cache: Path) -> Path:
     gguf = gguf_path()
     partial = out.with_name(f"{NAME}.partial-{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # The GGUF-backed model is not serializable as such; its state dict holds the decoded weights.
     tensors = {k: v.to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:

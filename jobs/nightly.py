@@ -1,6 +1,6 @@
 """Quantize the new commits of watched Hub repos, once each, and write a run report.
 
-    sinq-nightly --watch cluster/watch.yaml [--catalog FILE] [--verify-hashes]
+    sinq-nightly --watch cluster/watch.yaml [--catalog FILE] [--no-verify-hashes]
     python -m jobs.nightly ...           (the same)
 
 Each watched repo's branch or tag is resolved to a commit (on the Hub, or from a local
@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sinq-nightly", description=__doc__.split("\n\n")[0])
     p.add_argument("--watch", required=True, help="watch list (YAML or TOML)")
     p.add_argument("--catalog", help="resolve repos from this local catalogue instead of the Hub")
-    p.add_argument("--verify-hashes", action="store_true", help="check every output file's sha256, not only sizes")
+    p.add_argument("--verify-hashes", action=argparse.BooleanOptionalAction, default=True,
+                   help="an existing output counts as complete only if every file's sha256 matches its manifest "
+                        "(default); --no-verify-hashes checks sizes only, which misses a same-size change")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--quiet-jobs", action="store_true", help="do not print each job's progress lines")
     cli.add_common_flags(p)

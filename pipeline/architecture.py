@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -52,6 +53,28 @@ def read_config(model_config: dict):
         return transformers.AutoConfig.from_pretrained(tmp, trust_remote_code=False)
 
 
+_INDEX = re.compile(r"\.(\d+)(?=\.)")
+
+
+def check_layer_count(model_config: dict, names: list[str]) -> None:
+    """Refuse, before transformers spends time and memory building it, a model whose config names
+    more decoder layers than the checkpoint's tensor names could hold: every layer has parameters,
+    stored under its index, so no index in ``names`` reaching ``num_hidden_layers - 1`` means layers
+    no tensor fills (a config of 5000 layers over a checkpoint of two would take a minute and a
+    gigabyte to build before any tensor is compared)."""
+    try:
+        layers = read_config(model_config).get_text_config().num_hidden_layers
+    except Exception:  # noqa: BLE001 - a config transformers cannot read is reported when the model is built
+        return
+    if not isinstance(layers, int):
+        return
+    held = max((int(m) for n in names for m in _INDEX.findall(n)), default=-1) + 1
+    if layers > held:
+        raise ArchitectureError(f"names {layers} decoder layers (num_hidden_layers), but no tensor of the checkpoint "
+                                f"has an index above {held - 1}, so at most {held} layers are filled; fix "
+                                "num_hidden_layers")
+
+
 def empty_model(model_config: dict) -> nn.Module:
     """The model class ``model_config`` names (its ``architectures``: a vision-language wrapper such
     as ``Qwen2_5_VLForConditionalGeneration`` included), else its ``AutoModelForCausalLM``, with its
@@ -68,7 +91,7 @@ def empty_model(model_config: dict) -> nn.Module:
     with _BUILDING, init_empty_weights(include_buffers=False):
         if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
             return cls._from_config(config)
-        return transformers.AutoModelForCausalLM.from_config(config)
+        return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
 
 
 def decoder_module(model: nn.Module) -> nn.Module | None:

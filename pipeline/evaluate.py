@@ -105,4 +105,4 @@ def load_tokenizer(source: Source):
         for name in TOKENIZER_FILES:
             if source.exists(name):
                 Path(tmp, name).write_bytes(source.read_bytes(name))
-        return AutoTokenizer.from_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)

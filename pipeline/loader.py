@@ -11,8 +11,6 @@ empty model from any checkpoint source (directory, s3://, Hub repo at an exact c
 
 from __future__ import annotations
 
-import json
-
 import torch
 from torch import nn
 
@@ -59,13 +57,15 @@ def _finish(model: nn.Module, label: str, device: str | torch.device) -> nn.Modu
 
 def load_quantized(
     location: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    require_manifest: bool = True, check_hashes: bool = False, storage: StorageOptions | None = None,
+    require_manifest: bool = True, check_hashes: bool = True, storage: StorageOptions | None = None,
 ) -> nn.Module:
     """A ready-to-run model from a quantized output: the class its config.json names (a causal LM, or
     a vision-language wrapper), else its ``AutoModelForCausalLM``.
 
-    Refuses an output whose manifest is missing or does not match its files, unless
-    ``require_manifest=False``. ``dtype`` is the compute dtype of every layer.
+    Refuses an output whose manifest is missing or does not match its files (each file's sha256;
+    sizes only with ``check_hashes=False``, which reads each file once instead of twice but misses
+    a same-size change), unless ``require_manifest=False``. ``dtype`` is the compute dtype of every
+    layer. Every file read lies inside the output (``pipeline.sources.containment``).
     """
     loc = Location(location, storage or StorageOptions())
     if require_manifest:
@@ -76,7 +76,7 @@ def load_quantized(
     model = empty_model(source.read_json("config.json"))
 
     weight_map: dict[str, str] = source.read_json(INDEX_NAME)["weight_map"]
-    sidecar = json.loads(loc.read_bytes(SIDECAR_NAME)) if loc.exists(SIDECAR_NAME) else {}
+    sidecar = source.read_json(SIDECAR_NAME) if source.exists(SIDECAR_NAME) else {}
     headers = {f: source.header(f) for f in sorted(set(weight_map.values()))}
 
     def read(name: str) -> torch.Tensor:

@@ -126,7 +126,11 @@ def run_nightly(
     watch: WatchList, resolver: Resolver, *, storage: StorageOptions | None = None, verify_hashes: bool = False,
     log: Callable[[str], None] = print, job_log: Callable[[str], None] = print,
 ) -> dict:
-    """Process every watched model and config; returns (and writes) the run report."""
+    """Process every watched model and config; returns (and writes) the run report.
+
+    An output counts as complete when its manifest verifies, every file's sha256 included unless
+    ``verify_hashes`` is False (sizes only: cheaper, blind to a same-size change); one that does not
+    is quantized again."""
     storage = storage or StorageOptions()
     started = dt.datetime.now(dt.timezone.utc)
     results = []
@@ -167,7 +171,7 @@ def run_nightly(
                 opts = JobOptions.from_settings({**settings, "model": resolved.source, "out": out_url})
                 opts = dataclasses.replace(opts, storage=dataclasses.replace(
                     opts.storage, endpoint_url=opts.storage.endpoint_url or storage.endpoint_url))
-                manifest = run_job(opts, log=job_log)
+                manifest = run_job(opts, log=job_log, lock=lock)
                 row.update(status="done", seconds=round(time.perf_counter() - t0, 2),
                            output_bytes=manifest["totals"]["output_bytes"])
                 log(f"done     {entry.repo}@{resolved.commit[:12]} {cfg.name} -> {out_url}")

@@ -130,10 +130,10 @@ def test_a_release_failing_in_a_way_nobody_foresaw_fails_alone_in_one_line(
 
     real = nightly.run_job
 
-    def job(opts, log=print):  # tonight's release meets a fault of a kind no handler names
+    def job(opts, log=print, **kw):  # tonight's release meets a fault of a kind no handler names
         if "acme/beta" in opts.model:
             raise TypeError("unsupported operand type(s) for *: 'dict' and 'float'\n  a second line")
-        return real(opts, log=log)
+        return real(opts, log=log, **kw)
 
     monkeypatch.setattr(nightly, "run_job", job)
     watch = _watch(tmp_path, "s3://nightly/unforeseen", ["acme/beta", "acme/alpha"])

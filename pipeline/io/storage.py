@@ -26,6 +26,10 @@ from .ranges import read_ranges
 PARTIAL = ".partial-"
 
 
+class NoConditionalWrites(ValueError):
+    """The store offers no exclusive create or conditional replace (only local paths and s3:// do)."""
+
+
 @dataclass(frozen=True)
 class StorageOptions:
     """Non-secret settings for object storage; secrets stay in the environment."""
@@ -275,7 +279,7 @@ class Location:
 
     def _need_s3(self, what: str) -> None:
         if _protocol(self.url) not in ("s3", "s3a"):
-            raise ValueError(f"{self.url}: {what} needs a local path or s3://")
+            raise NoConditionalWrites(f"{self.url}: {what} needs a local path or s3://")
 
     def remove_partials(self) -> None:
         """Remove the unfinished files that writers killed mid-write left directly under this location.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sinq_ops import QuantConfig, quantized_layout
 from sinq_ops.memory import CPU_WORK_PER_ELEMENT, ERROR_CHECK_BYTES, GPU_WORK_PER_FP16_BYTE
 
-from ..architecture import ArchitectureError, ModelLayout, shared_layout
+from ..architecture import ArchitectureError, ModelLayout, check_layer_count, shared_layout
 from ..conversion import Conversion
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import shard_names
@@ -281,8 +281,9 @@ def _inventory(source: Source) -> dict[str, tuple[str, TensorInfo]]:
     return inventory
 
 
-def _layout(source: Source, model_config: dict) -> ModelLayout:
+def _layout(source: Source, model_config: dict, names: list[str]) -> ModelLayout:
     try:
+        check_layer_count(model_config, names)
         return shared_layout(model_config)
     except ArchitectureError as exc:
         raise PlanError(f"{source.spec}/config.json: {exc}") from None
@@ -321,7 +322,7 @@ def make_plan(
         inventory, scales = pair_scales(source.spec, fmt, _inventory(source))
     except FormatError as exc:
         raise PlanError(str(exc)) from None
-    layout = _layout(source, model_config)
+    layout = _layout(source, model_config, list(inventory))
     try:
         groups, skipped = source_groups(source.spec, layout, inventory, scales, fmt)
     except MappingError as exc:

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Callable, Iterator
 
 import ray
@@ -19,11 +20,13 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..io import locks
 from ..io.storage import Location
 from ..output.layout import tool_version
 from ..output.manifest import MANIFEST_NAME, IncompleteOutput, verify
 from ..sources import Source, open_source
 from .actors import QuantizeWorker, Reducer
+from .destination import check_apart, take
 from .errors import JobError
 from .options import JobOptions
 from .plan import Plan, make_plan
@@ -44,14 +47,16 @@ def run_key(source: Source, opts: JobOptions) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _existing_output(dest: Location, key: str, opts: JobOptions) -> dict | None:
-    """The manifest of a complete output of this very job, else None. Refuses to replace a
-    complete output of another job unless ``opts.overwrite``."""
+def _existing_output(dest: Location, key: str, opts: JobOptions, log: Callable[[str], None]) -> dict | None:
+    """The manifest of a complete output of this very job, every file's content verified, else None.
+    A damaged or incomplete output is redone (its manifest removed first, so it never looks complete
+    meanwhile). Refuses to replace a complete output of another job unless ``opts.overwrite``."""
     if not dest.exists(MANIFEST_NAME):
         return None
     try:
-        old = verify(dest, hashes=False)
-    except IncompleteOutput:
+        old = verify(dest)
+    except IncompleteOutput as exc:
+        log(f"the output there does not verify ({exc}); it is written again")
         old = None
     if old is not None and old.get("run_key") == key and not opts.overwrite:
         return old
@@ -198,42 +203,63 @@ def _run_in_process(plan: Plan, opts: JobOptions, dest: Location, staging: Locat
     return manifest
 
 
-def run_job(opts: JobOptions, log: Callable[[str], None] = print, *, in_process: bool = False) -> dict:
+def run_job(opts: JobOptions, log: Callable[[str], None] = print, *, in_process: bool = False,
+            lock: locks.Lock | None = None) -> dict:
     """Run the whole job; returns the manifest (or, on a dry run, the plan as a dict).
 
     ``in_process`` quantizes unit after unit in this process, without Ray: the same plan, units,
-    staging and assembly, for small models and tests where starting a cluster costs more than the work."""
+    staging and assembly, for small models and tests where starting a cluster costs more than the work.
+    The job holds the lock on its destination (``lock``, when the caller already took it, as a
+    nightly run does), renewed while it runs; a destination another job holds is refused."""
     t_start = time.perf_counter()
     source = open_source(opts.model, opts.storage)
+    dest = Location(opts.out, opts.storage)
+    check_apart(source, dest)
+    plan = _plan(source, opts)
     if opts.dry_run:
-        plan = _plan(source, opts)
         log(plan.describe())
         return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes,
                 **plan.structure()}
 
-    plan = _plan(source, opts)
-    # The commit check needs the plan alone: it runs while the destination is probed, Ray starts and
-    # the workers import torch, and the job waits for it before the first unit goes out.
+    # The commit check needs the plan alone: it runs while the destination is locked and probed, Ray
+    # starts and the workers import torch, and the job waits for it before the first unit goes out.
     with ThreadPoolExecutor(1, thread_name_prefix="commit-check") as checker:
         check = checker.submit(check_plan, plan)
-        dest = Location(opts.out, opts.storage)
-        key = run_key(source, opts)
-        existing = _existing_output(dest, key, opts)
-        if existing is not None:
-            log(f"{dest.url} already holds this job's complete output; nothing to do")
-            return existing
-        staging = dest.child(f"{STAGING_DIR}/{key}")
-        _probe(staging)
-        if in_process:
-            _checked(plan, check)
-            return _run_in_process(plan, opts, dest, staging, key, t_start)
-        _ensure_ray(opts)
-        workers = _pool(source, opts, staging, len(plan.units))
+        held = lock if lock is not None else take(dest)
         try:
-            _checked(plan, check)
-        except BaseException:
-            _stop(workers, busy=False)
-            raise
+            with locks.kept_alive(held) if held is not None else nullcontext():
+                return _run_locked(plan, opts, dest, check, log, in_process, t_start)
+        finally:
+            if lock is None and held is not None:
+                held.release()
+
+
+def _run_locked(plan: Plan, opts: JobOptions, dest: Location, check: Future, log: Callable[[str], None],
+                in_process: bool, t_start: float) -> dict:
+    """The job once its destination is this job's alone."""
+    key = run_key(plan.source, opts)
+    existing = _existing_output(dest, key, opts, log)
+    if existing is not None:
+        log(f"{dest.url} already holds this job's complete output, every file verified; nothing to do")
+        return existing
+    staging = dest.child(f"{STAGING_DIR}/{key}")
+    _probe(staging)
+    if in_process:
+        _checked(plan, check)
+        return _run_in_process(plan, opts, dest, staging, key, t_start)
+    _ensure_ray(opts)
+    workers = _pool(plan.source, opts, staging, len(plan.units))
+    try:
+        _checked(plan, check)
+    except BaseException:
+        _stop(workers, busy=False)
+        raise
+    return _run_on_ray(plan, dest, staging, key, workers, log, t_start)
+
+
+def _run_on_ray(plan: Plan, dest: Location, staging: Location, key: str, workers: list, log: Callable[[str], None],
+                t_start: float) -> dict:
+    """Units through the worker pool as they finish, assembled by a reducer beside the driver."""
     reducer = Reducer.options(num_cpus=0, scheduling_strategy=_on_driver_node()).remote(plan, dest, staging)
     staged = _staged_earlier(plan, staging)
     if staged:

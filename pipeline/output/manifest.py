@@ -10,8 +10,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from ..io.hf_names import INDEX_NAME
 from ..io.storage import Location
-from .layout import TOOL_NAME, tool_version
+from ..sources.containment import ContainmentError, check_name
+from .layout import SIDECAR_NAME, TOOL_NAME, tool_version
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sinq-cluster-manifest/1"
@@ -97,15 +99,55 @@ def load_manifest(dest: Location) -> dict:
     return manifest
 
 
+def _records(dest: Location, manifest: dict) -> list[dict]:
+    """The manifest's file records, each a name inside the output with a size and a sha256."""
+    records = manifest.get("files")
+    if not isinstance(records, list):
+        raise IncompleteOutput(f"{dest.url}/{MANIFEST_NAME} lists no files")
+    for rec in records:
+        if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("sha256"), str)):
+            raise IncompleteOutput(f"{dest.url}/{MANIFEST_NAME} has a malformed file record: {str(rec)[:80]}")
+        try:
+            check_name(dest.url, rec.get("name"))
+        except ContainmentError as exc:
+            raise IncompleteOutput(f"{MANIFEST_NAME}: {exc}") from None
+    return records
+
+
+def _check_coverage(dest: Location, listed: set[str]) -> None:
+    """Every file a loader reads is one the manifest covers: config.json, the index, the sidecar
+    where there is one, and every shard the index names. A file outside the manifest could
+    change what the output computes without any check noticing."""
+    for name in ("config.json", INDEX_NAME):
+        if name not in listed:
+            raise IncompleteOutput(f"{dest.url}/{name} is not covered by the manifest")
+    if SIDECAR_NAME not in listed and dest.exists(SIDECAR_NAME):
+        raise IncompleteOutput(f"{dest.url}/{SIDECAR_NAME} is not covered by the manifest")
+    try:
+        weight_map = json.loads(dest.read_bytes(INDEX_NAME)).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError):
+        raise IncompleteOutput(f"{dest.url}/{INDEX_NAME} is not a valid index") from None
+    if not isinstance(weight_map, dict):
+        raise IncompleteOutput(f"{dest.url}/{INDEX_NAME} has no weight_map")
+    for shard in sorted({str(f) for f in weight_map.values()}):
+        if shard not in listed:
+            raise IncompleteOutput(f"{dest.url}/{shard} is named in the index but not covered by the manifest")
+
+
 def verify(dest: Location, hashes: bool = True) -> dict:
-    """Check every file the manifest lists (size, and sha256 unless ``hashes`` is False)."""
+    """Check every file the manifest lists (size, and sha256 unless ``hashes`` is False), and that
+    the manifest covers every file a loader reads (``_check_coverage``)."""
     manifest = load_manifest(dest)
-    for rec in manifest["files"]:
+    records = _records(dest, manifest)
+    for rec in records:
         name = rec["name"]
-        if not dest.exists(name):
-            raise IncompleteOutput(f"{dest.url}/{name} is listed in the manifest but missing")
-        if dest.size(name) != rec["bytes"]:
-            raise IncompleteOutput(f"{dest.url}/{name} has {dest.size(name)} bytes, the manifest says {rec['bytes']}")
+        try:
+            size = dest.size(name)
+        except FileNotFoundError:
+            raise IncompleteOutput(f"{dest.url}/{name} is listed in the manifest but missing") from None
+        if size != rec["bytes"]:
+            raise IncompleteOutput(f"{dest.url}/{name} has {size} bytes, the manifest says {rec['bytes']}")
         if hashes and dest.sha256(name) != rec["sha256"]:
             raise IncompleteOutput(f"{dest.url}/{name} does not match its sha256 in the manifest")
+    _check_coverage(dest, {rec["name"] for rec in records})
     return manifest
