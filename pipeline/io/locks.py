@@ -128,7 +128,10 @@ def check_exclusive(location: Location) -> None:
             else:
                 _PROBED[store] = None
         finally:
-            location.remove(name)
+            try:
+                location.remove(name)
+            except OSError:  # a store that refused the probe refuses this too: the probe's error is the one told
+                pass
     if _PROBED[store] is not None:
         raise LockUnsupported(f"{location.url}: locks cannot be exclusive on this store: {_PROBED[store]}; "
                               "use a store that honours S3 conditional writes (AWS S3, SeaweedFS, MinIO)")

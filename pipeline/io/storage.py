@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import uuid
@@ -77,6 +78,31 @@ def open_fs(url: str, options: StorageOptions) -> tuple[fsspec.AbstractFileSyste
     return url_to_fs(url, **options.for_protocol(_protocol(url)))
 
 
+def _described(operation: str):
+    """A ``Location`` method whose object-store failures name the operation and the URL: a store's
+    own message is often a bare "Forbidden". Not-found and exists errors pass as they are (callers
+    turn them into their own lines), as do local ones, which name their path already."""
+    def wrap(method):
+        @functools.wraps(method)
+        def described(self: "Location", name: str = "", *args, **kwargs):
+            try:
+                return method(self, name, *args, **kwargs)
+            except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
+                raise
+            except OSError as exc:
+                where = f"{self.url}/{name}" if name else self.url
+                if self.is_local or where in str(exc):
+                    raise
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                try:
+                    renamed = type(exc)(f"{operation} {where}: {text}")
+                except Exception:  # noqa: BLE001 - a subclass with its own constructor
+                    renamed = OSError(f"{operation} {where}: {text}")
+                raise renamed from exc
+        return described
+    return wrap
+
+
 @dataclass
 class Location:
     """A directory-like place (local or object storage) addressed by relative names."""
@@ -102,18 +128,22 @@ class Location:
     def child(self, name: str) -> "Location":
         return Location(f"{self.url}/{name}", self.options)
 
+    @_described("checking")
     def exists(self, name: str) -> bool:
         fs, root = self._fs()
         return fs.exists(f"{root}/{name}")
 
+    @_described("reading the size of")
     def size(self, name: str) -> int:
         fs, root = self._fs()
         return int(fs.size(f"{root}/{name}"))
 
+    @_described("reading the details of")
     def info(self, name: str) -> dict:
         fs, root = self._fs()
         return fs.info(f"{root}/{name}")
 
+    @_described("reading")
     def read_bytes(self, name: str) -> bytes:
         fs, root = self._fs()
         return fs.cat_file(f"{root}/{name}")
@@ -160,6 +190,7 @@ class Location:
                 pos = end
         return whole.hexdigest(), [d.hexdigest() for d in segments[:len(cuts) + 1]] if cuts else []
 
+    @_described("listing")
     def list(self, prefix: str = "") -> list[str]:
         """Names of files directly under ``prefix`` (relative to this location)."""
         fs, root = self._fs()
@@ -169,12 +200,14 @@ class Location:
         fs.invalidate_cache(base)
         return sorted(p["name"].rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=True) if p["type"] == "file")
 
+    @_described("removing")
     def remove(self, name: str, recursive: bool = False) -> None:
         fs, root = self._fs()
         path = f"{root}/{name}"
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
 
+    @_described("creating")
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Write ``name`` only if it does not exist yet, atomically; False if it already did.
 
@@ -206,6 +239,7 @@ class Location:
             raise
         return True
 
+    @_described("reading")
     def read_tagged(self, name: str) -> tuple[bytes, str] | None:
         """The bytes of ``name`` and a tag that changes whenever it is rewritten (the S3 ETag, a local
         file's sha256); None when it does not exist."""
@@ -233,6 +267,7 @@ class Location:
             body.close()
         return data, out["ETag"]
 
+    @_described("replacing")
     def replace_if(self, name: str, data: bytes | None, tag: str) -> bool:
         """Replace ``name`` with ``data`` (or remove it, for None) only while it still has ``tag``
         (``read_tagged``); False when it changed or went. On S3 a PUT or DELETE with ``If-Match``;
