@@ -69,6 +69,19 @@ def test_first_run_quantizes_second_run_does_nothing(s3, catalog: Path, tmp_path
     last = json.loads(s3.cat_file(reports[-1]))
     assert {r["reason"] for r in last["results"]} == {"already complete"}
 
+    # A byte of one output flipped in the bucket: the next run sees it (every file's sha256 by
+    # default) and quantizes that output again, whose job redoes it rather than finding it complete.
+    out = f"nightly/twice/acme/alpha/{COMMITS['acme/alpha']}/sinq-4b-g64"
+    shard = next(k for k in s3.find(out) if k.endswith(".safetensors"))
+    original = s3.cat_file(shard)
+    damaged = bytearray(original)
+    damaged[-3] ^= 0x01
+    s3.pipe_file(shard, bytes(damaged))
+    assert nightly_cli.main(["--watch", str(watch), "--catalog", str(catalog), "--quiet-jobs"]) == 0
+    assert "1 new, 1 done, 1 skipped, 0 failed" in capsys.readouterr().out
+    assert s3.cat_file(shard) == original
+    verify(Location(f"s3://{out}"))
+
 
 def test_a_failing_model_does_not_stop_the_others(catalog: Path, tmp_path: Path) -> None:
     watch = _watch(tmp_path, "s3://nightly/isolated", ["acme/broken", "acme/alpha", "acme/missing"])
