@@ -9,8 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line like every other failure of the tool:
+    ``error: <what is wrong> (see <prog> --help)``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

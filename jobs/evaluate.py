@@ -66,7 +66,7 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sinq-evaluate", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="sinq-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
                    help="source checkpoint: local directory, s3:// URL or Hub repo org/name[@revision] "
                         "(not synthetic://)")

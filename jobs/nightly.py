@@ -19,7 +19,7 @@ from pipeline.io.storage import StorageOptions
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sinq-nightly", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="sinq-nightly", description=__doc__.split("\n\n")[0])
     p.add_argument("--watch", required=True, help="watch list (YAML or TOML)")
     p.add_argument("--catalog", help="resolve repos from this local catalogue instead of the Hub")
     p.add_argument("--verify-hashes", action=argparse.BooleanOptionalAction, default=True,

@@ -32,7 +32,7 @@ log = logging.getLogger("sinq.quantize")
 def build_parser() -> argparse.ArgumentParser:
     from jobs.evaluate import default_text
 
-    p = argparse.ArgumentParser(prog="sinq-quantize", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="sinq-quantize", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", metavar="FILE", help="YAML or TOML file with the same keys as these flags "
                                                     "(bits: 3, group-size: 128, ...); flags win")
     add_arguments(p)

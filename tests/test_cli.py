@@ -88,3 +88,21 @@ def test_every_option_reaches_its_place_in_the_job_options(option) -> None:
     home = {"quant": opts.quant, "storage": opts.storage, "job": opts}[option.part]
     want = parse_size(value) if option.kind == "size" else tuple(value) if option.kind == "list" else value
     assert getattr(home, option.attr) == want
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--bogus-flag"], "error: unrecognized arguments: --bogus-flag (see sinq-quantize --help)"),
+    (["--bits", "-4"], "error: argument --bits: invalid choice: -4"),
+    (["--workers", "-1"], "error: --workers must be at least 1, got -1"),
+    (["--max-shard-size", "0"], "error: --max-shard-size must be at least 1, got 0"),
+    (["--gpus-per-worker", "0"], "error: --gpus-per-worker must be above 0, got 0.0"),
+    (["--include", "["], "error: --include '[' is not a regular expression (unterminated character set"),
+])
+def test_a_bad_flag_is_one_line_naming_it(args: list[str], expected: str, src: Path, tmp_path: Path, capsys) -> None:
+    try:
+        code = cli.main(["--model", str(src), "--out", str(tmp_path / "o"), "--dry-run", *args])
+    except SystemExit as stop:  # argparse's own refusals exit from inside the parser
+        code = stop.code
+    assert code in (1, 2)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(expected) and "\n" not in err, err

@@ -10,6 +10,7 @@ Nothing here imports Ray or torch: parsing a settings file or answering ``--help
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +44,18 @@ class JobOptions:
         # Lists from a settings file or argparse become tuples: options stay hashable and frozen.
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        for name, low in (("workers", 1), ("cpus_per_worker", 1), ("max_shard_size", 1), ("worker_memory", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        if self.gpus_per_worker <= 0:
+            raise ValueError(f"--gpus-per-worker must be above 0, got {self.gpus_per_worker}")
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"--{name} {pattern!r} is not a regular expression ({exc})") from None
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "JobOptions":
