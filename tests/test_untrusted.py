@@ -279,6 +279,21 @@ def test_a_second_job_on_a_held_destination_is_refused_naming_the_holder(good: P
     assert not (out / ".lock").exists()
 
 
+def test_a_lock_kept_alive_outlasts_its_time_to_live(tmp_path: Path) -> None:
+    from pipeline.io import locks
+
+    where = Location(str(tmp_path / "out"))
+    lock = locks.acquire(where, ttl_s=0.5)
+    with locks.kept_alive(lock):
+        time.sleep(1.5)  # three times its time to live, renewed every 0.1 s
+        assert isinstance(locks.acquire(where, ttl_s=60), dict)
+    time.sleep(0.7)  # no longer renewed: it expires, and another run takes it over
+    taken = locks.acquire(where, ttl_s=60)
+    assert isinstance(taken, locks.Lock) and taken.owner != lock.owner
+    assert not lock.renew()
+    taken.release()
+
+
 def test_two_jobs_at_once_on_one_destination_leave_one_whole_output(good: Path, tmp_path: Path) -> None:
     other = write_llama_checkpoint(tmp_path / "other", layers=1, hidden=64, intermediate=128, vocab=64, shards=1,
                                    seed=3)

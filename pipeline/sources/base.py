@@ -41,10 +41,6 @@ class SourceError(ValueError):
     """The source is missing something or holds something we refuse to read."""
 
 
-# Assets that must parse as JSON to be of use to whoever loads the output.
-_JSON_SUFFIX = ".json"
-
-
 @dataclass
 class Source:
     """A checkpoint directory: names are file names relative to ``location``."""
@@ -108,7 +104,7 @@ class Source:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise SourceError(f"{self.spec}: {INDEX_NAME} has no weight_map")
-            for f in set(weight_map.values()):
+            for f in weight_map.values():
                 check_name(f"{self.spec}/{INDEX_NAME}", f)
             files = sorted(set(weight_map.values()))
             for f in files:
@@ -165,7 +161,7 @@ class Source:
                 data = self.read_bytes(name)
             except FileNotFoundError:
                 raise SourceError(f"{self.spec}/{name} is a link to nothing") from None
-            if name.endswith(_JSON_SUFFIX):
+            if name.endswith(".json"):
                 try:
                     json.loads(data)
                 except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
