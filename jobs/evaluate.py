@@ -11,7 +11,6 @@ perplexities, their ratio and the time taken, and adds eval.json to the quantize
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
