@@ -90,7 +90,7 @@ def test_an_index_entry_outside_the_source_is_never_read(good: Path, tmp_path: P
              "leads outside the checkpoint")
 
 
-@pytest.mark.parametrize("asset", ["LICENSE", "tokenizer_config.json", "shard"])
+@pytest.mark.parametrize("asset", ["LICENSE", "tokenizer_config.json", "README.md", "shard"])
 def test_a_link_out_of_the_source_never_reaches_the_output(asset: str, good: Path, tmp_path: Path, capsys) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_bytes(SECRET)
@@ -99,7 +99,7 @@ def test_a_link_out_of_the_source_never_reaches_the_output(asset: str, good: Pat
     target = tmp_path / "elsewhere.safetensors" if asset == "shard" else secret
     if asset == "shard":
         shutil.copy(src / name, target)  # a valid shard, but not the checkpoint's own file
-    (src / name).unlink()
+    (src / name).unlink(missing_ok=True)
     (src / name).symlink_to(target)
     out = tmp_path / "out"
     _refused(src, out, capsys, f"{src}/{name} is a link to a file outside the checkpoint")

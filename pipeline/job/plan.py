@@ -14,6 +14,7 @@ from sinq_ops import QuantConfig, quantized_layout
 from ..architecture import ArchitectureError, ModelLayout, check_layer_count, shared_layout
 from ..conversion import Conversion
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
+from ..output.layout import CARD_NAME
 from ..sources import Source
 from .formats import FormatError, pair_scales, source_format
 from .mapping import MappingError, Piece, SourceGroup, expert_piece, source_groups
@@ -97,6 +98,11 @@ def make_plan(
     audio tower's layers are copied.
     """
     model_config = source.read_json("config.json")
+    # Every file the job will read whole is checked now (inside the checkpoint, regular, within its
+    # cap), not when the reducer copies it: the source's card too, whose licence fields it reads.
+    assets = source.assets()
+    if source.exists(CARD_NAME):
+        source.read_bytes(CARD_NAME)
     try:
         fmt = source_format(f"{source.spec}/config.json", model_config)
         inventory, scales = pair_scales(source.spec, fmt, _inventory(source))
@@ -274,7 +280,7 @@ def make_plan(
     if oversized:
         notes.append(f"large shards  {len(oversized)} layers exceed --max-shard-size on their own (first: "
                      f"{oversized[0]}); a layer is never split across shards, so their shards are larger")
-    return Plan(source, config, units, shards, model_config, source.assets(), not_converted, max_shard_size,
+    return Plan(source, config, units, shards, model_config, assets, not_converted, max_shard_size,
                 worker_memory, _kinds(layout, filled, units, {n for n, _, _ in undivided}), source_format=fmt, unwritten_buffers=unwritten,
                 notes=notes)
 
