@@ -6,6 +6,7 @@ Nothing here touches tensor data: the driver plans a 70B model from a few MB of 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 
@@ -22,6 +23,7 @@ from .planned import (DEFAULT_WORKER_MEMORY, LAYER_PATTERN, KindSummary, Plan, T
                       memory_of, peak_bytes)
 
 _QUANTIZABLE = ("F16", "BF16", "F32")
+logger = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # Matrices the group size does not divide are kept in full precision when together they hold less than
 # this share of the quantized parameters (Gemma 3n's AltUp coefficients: 4 input features); else refused.
@@ -280,6 +282,13 @@ def make_plan(
     if oversized:
         notes.append(f"large shards  {len(oversized)} layers exceed --max-shard-size on their own (first: "
                      f"{oversized[0]}); a layer is never split across shards, so their shards are larger")
+    over = [u for u in units if u.memory_bytes() > worker_memory]
+    if over:
+        logger.warning("%d units need more than --worker-memory %s (first: %s, %s)", len(over), _gb(worker_memory),
+                       over[0].name, _gb(over[0].memory_bytes()))
+        notes.append(f"over memory   {len(over)} units need more than --worker-memory {_gb(worker_memory)} on a CPU "
+                     f"worker (first: {over[0].name}, {_gb(over[0].memory_bytes())}); only a layer's experts are split, "
+                     "so these run as they are: raise --worker-memory if workers run out of memory")
     return Plan(source, config, units, shards, model_config, assets, not_converted, max_shard_size,
                 worker_memory, _kinds(layout, filled, units, {n for n, _, _ in undivided}), source_format=fmt, unwritten_buffers=unwritten,
                 notes=notes)
