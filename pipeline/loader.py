@@ -65,7 +65,7 @@ def load_quantized(
     Refuses an output whose manifest is missing or does not match its files (each file's sha256;
     sizes only with ``check_hashes=False``, which reads each file once instead of twice but misses
     a same-size change), unless ``require_manifest=False``. ``dtype`` is the compute dtype of every
-    layer. Every file read lies inside the output (``pipeline.sources.containment``).
+    layer. Every file read lies inside the output (``pipeline.io.containment``).
     """
     loc = Location(location, storage or StorageOptions())
     if require_manifest:

@@ -103,8 +103,7 @@ def make_plan(
     # Every file the job will read whole is checked now (inside the checkpoint, regular, within its
     # cap), not when the reducer copies it: the source's card too, whose licence fields it reads.
     assets = source.assets()
-    if source.exists(CARD_NAME):
-        source.read_bytes(CARD_NAME)
+    source.check_files([n for n in source.list_files() if n == CARD_NAME])
     try:
         fmt = source_format(f"{source.spec}/config.json", model_config)
         inventory, scales = pair_scales(source.spec, fmt, _inventory(source))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..io.hf_names import INDEX_NAME
 from ..io.storage import Location
-from ..sources.containment import ContainmentError, check_name
+from ..io.containment import ContainmentError, check_name
 from .layout import SIDECAR_NAME, TOOL_NAME, tool_version
 
 MANIFEST_NAME = "manifest.json"

@@ -19,7 +19,7 @@ import torch
 from ..io.hf_names import INDEX_NAME, SINGLE_NAME
 from ..io.safetensors_io import MAX_HEADER_BYTES, TensorInfo, read_header, tensor_from_bytes
 from ..io.storage import Location
-from .containment import check_name, check_size, local_file, read_local
+from ..io.containment import check_name, check_size, local_file, read_local
 
 # Files copied through to the output beside the weights.
 ASSET_FILES = (
@@ -51,7 +51,7 @@ class Source:
 
     def read_bytes(self, name: str) -> bytes:
         """A small file read whole (config, index, tokenizer, card): inside the checkpoint, a regular
-        file, at most ``MAX_SMALL_FILE_BYTES`` (``pipeline.sources.containment``)."""
+        file, at most ``MAX_SMALL_FILE_BYTES`` (``pipeline.io.containment``)."""
         check_name(self.spec, name)
         if self.location.is_local:
             return read_local(self.spec, self.location.url, name)
@@ -152,10 +152,15 @@ class Source:
         return [n for n in ASSET_FILES if n in present] + sorted(n for n in present if is_licence_file(n))
 
     def assets(self) -> list[str]:
-        """``asset_names``, each checked as it will be read (inside the checkpoint, a regular file of
-        bounded size), a JSON one parsed: a job refuses at plan time what it would otherwise publish,
-        or fail on only at the end."""
+        """``asset_names``, checked (``check_files``)."""
         names = self.asset_names()
+        self.check_files(names)
+        return names
+
+    def check_files(self, names: list[str]) -> None:
+        """Read each of ``names`` as the job will (inside the checkpoint, a regular file of bounded
+        size) and parse a JSON one: a job refuses at plan time what it would otherwise publish, or
+        fail on only at the end."""
         for name in names:
             try:
                 data = self.read_bytes(name)
@@ -167,4 +172,3 @@ class Source:
                 except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                     raise SourceError(f"{self.spec}/{name} is not valid JSON ({exc.__class__.__name__}), so the "
                                       "output could not load it") from None
-        return names

@@ -18,7 +18,7 @@ from ..io.ranges import read_ranges
 from ..io.safetensors_io import TensorInfo, read_header, tensor_from_bytes
 from ..io.storage import Location
 from .base import Source, SourceError
-from .containment import check_name, check_size, local_file, read_local
+from ..io.containment import check_name, check_size, local_file, read_local
 
 # Hub reads: requests in flight per unit, and the largest single range.
 CONCURRENCY = 16
