@@ -57,8 +57,8 @@ def head() -> str:
         yield address
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
+        try:  # a graceful stop takes half a minute; the cluster's state is of no use afterwards
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
