@@ -64,3 +64,20 @@ def assert_output_matches_source(out: Path, src: Path, config: QuantConfig) -> N
         "sinq", config.bits, config.group_size, config.tiling,
     )
     assert "lm_head" in qc["modules_to_not_convert"]
+
+
+def assert_cli_refuses(src: Path, out: Path, capsys, *expected: str) -> str:
+    """``jobs.quantize`` refuses ``src`` in one ``error:`` line holding each of ``expected``, and no
+    manifest or shard appears at ``out`` (where ``out`` is not the source itself). Returns the line."""
+    from jobs import quantize
+
+    assert quantize.main(["--model", str(src), "--out", str(out), "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for piece in expected:
+        assert piece in err, (piece, err)
+    assert not (out / MANIFEST_NAME).exists()
+    if out.resolve() != src.resolve():
+        assert not list(out.glob("*.safetensors"))
+    return err
+

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from checkpoints import write_llama_checkpoint
+from pipeline_checks import assert_cli_refuses
 from jobs import quantize as cli
 from pipeline.io.storage import Location
 from pipeline.job.errors import JobError
@@ -59,20 +60,6 @@ def _copy(src: Path, tmp_path: Path, name: str = "src") -> Path:
     return dst
 
 
-def _refused(src: Path, out: Path, capsys, *expected: str) -> str:
-    """The CLI refuses in one line naming ``expected``, and nothing of an output appears (where
-    ``out`` is not the source itself, which the caller checks)."""
-    assert cli.main(["--model", str(src), "--out", str(out), "--workers", "1"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    for piece in expected:
-        assert piece in err, (piece, err)
-    assert not (out / MANIFEST_NAME).exists()
-    if out.resolve() != src.resolve():
-        assert not list(out.glob("*.safetensors"))
-    return err
-
-
 def _tree_bytes(root: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
 
@@ -86,7 +73,7 @@ def test_an_index_entry_outside_the_source_is_never_read(good: Path, tmp_path: P
     index["weight_map"] = {k: "../outside.safetensors" if v.startswith("model-00002") else v
                            for k, v in index["weight_map"].items()}
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    _refused(src, tmp_path / "out", capsys, "model.safetensors.index.json", "'../outside.safetensors'",
+    assert_cli_refuses(src, tmp_path / "out", capsys, "model.safetensors.index.json", "'../outside.safetensors'",
              "leads outside the checkpoint")
 
 
@@ -102,7 +89,7 @@ def test_a_link_out_of_the_source_never_reaches_the_output(asset: str, good: Pat
     (src / name).unlink(missing_ok=True)
     (src / name).symlink_to(target)
     out = tmp_path / "out"
-    _refused(src, out, capsys, f"{src}/{name} is a link to a file outside the checkpoint")
+    assert_cli_refuses(src, out, capsys, f"{src}/{name} is a link to a file outside the checkpoint")
     assert not out.exists() or SECRET not in _tree_bytes(out)
 
 
@@ -111,19 +98,19 @@ def test_special_and_oversized_files_are_refused_without_reading_them(good: Path
     (src / "config.json").unlink()
     os.mkfifo(src / "config.json")  # opening it would block forever
     t0 = time.perf_counter()
-    _refused(src, tmp_path / "o1", capsys, f"{src}/config.json is a FIFO, not a regular file")
+    assert_cli_refuses(src, tmp_path / "o1", capsys, f"{src}/config.json is a FIFO, not a regular file")
     assert time.perf_counter() - t0 < 30
 
     src = _copy(good, tmp_path, "big")
     with open(src / "tokenizer.json", "wb") as f:  # sparse: 300 MB of junk without writing it
         f.truncate(300 * 2**20)
-    _refused(src, tmp_path / "o2", capsys, f"{src}/tokenizer.json has 314572800 bytes, over the 64 MiB cap")
+    assert_cli_refuses(src, tmp_path / "o2", capsys, f"{src}/tokenizer.json has 314572800 bytes, over the 64 MiB cap")
 
 
 def test_nested_json_and_oversized_headers_fail_in_one_line(good: Path, tmp_path: Path, capsys) -> None:
     src = _copy(good, tmp_path)
     (src / "config.json").write_text("[" * 200_000 + "]" * 200_000)
-    _refused(src, tmp_path / "o1", capsys, f"{src}: config.json nests its JSON too deeply")
+    assert_cli_refuses(src, tmp_path / "o1", capsys, f"{src}: config.json nests its JSON too deeply")
 
     src = _copy(good, tmp_path, "header")
     shard = src / "model-00002-of-00002.safetensors"
@@ -131,7 +118,7 @@ def test_nested_json_and_oversized_headers_fail_in_one_line(good: Path, tmp_path
     with open(shard, "wb") as f:
         f.write(struct.pack("<Q", length))
         f.truncate(8 + length + 16)
-    _refused(src, tmp_path / "o2", capsys, f"{shard}: header of {length} bytes, over the 100 MiB cap")
+    assert_cli_refuses(src, tmp_path / "o2", capsys, f"{shard}: header of {length} bytes, over the 100 MiB cap")
 
 
 def test_a_config_naming_more_layers_than_the_checkpoint_fails_before_building(good: Path, tmp_path: Path,
@@ -140,19 +127,19 @@ def test_a_config_naming_more_layers_than_the_checkpoint_fails_before_building(g
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 5000}))
     t0 = time.perf_counter()
-    _refused(src, tmp_path / "out", capsys, "names 5000 decoder layers (num_hidden_layers)", "at most 1 layers")
+    assert_cli_refuses(src, tmp_path / "out", capsys, "names 5000 decoder layers (num_hidden_layers)", "at most 1 layers")
     assert time.perf_counter() - t0 < 20  # building 5000 layers takes about 40 s
 
 
-def test_an_output_over_or_inside_its_source_is_refused(good: Path, tmp_path: Path, capsys) -> None:
+def test_an_output_over_or_inside_its_source_isassert_cli_refuses(good: Path, tmp_path: Path, capsys) -> None:
     src = _copy(good, tmp_path)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
     for out, how in ((src, "is the source itself"), (src / "q", "lies inside the source"),
                      (tmp_path, "holds the source")):
-        _refused(src, out, capsys, f"--out {out} {how}")
+        assert_cli_refuses(src, out, capsys, f"--out {out} {how}")
     link = tmp_path / "alias"
     link.symlink_to(src)
-    _refused(src, link, capsys, "is the source itself")
+    assert_cli_refuses(src, link, capsys, "is the source itself")
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
@@ -268,7 +255,7 @@ def test_a_second_job_on_a_held_destination_is_refused_naming_the_holder(good: P
         cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "SINQ_AUTO_PATCH": "0"})
     try:
         owner = holder.stdout.readline().strip()
-        err = _refused(good, out, capsys, f"{out} is being written by another job ({owner}, lock held until")
+        err = assert_cli_refuses(good, out, capsys, f"{out} is being written by another job ({owner}, lock held until")
         assert "choose another --out" in err
     finally:
         holder.kill()
