@@ -74,7 +74,9 @@ def default_out(model: str, settings: dict[str, Any]) -> str:
 
     q = QuantConfig()
     name = Path(model.rstrip("/")).name.replace("@", "-").split("?")[0]
-    return os.path.join("out", f"{name}-sinq-{settings.get('bits', q.bits)}b-g{settings.get('group_size', q.group_size)}")
+    served = "-ct" if settings.get("format") == "compressed-tensors" else ""
+    return os.path.join("out", f"{name}-sinq-{settings.get('bits', q.bits)}b-g{settings.get('group_size', q.group_size)}"
+                               f"{served}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -306,10 +307,10 @@ def model_buffers(model_config: dict) -> dict[str, torch.Tensor]:
     return model_layout(model_config).buffers
 
 
-def output_problem(model_config: dict, names: list[str], leaves: list[str],
-                   unwritten: frozenset[str] = frozenset()) -> str | None:
+def output_problem(model_config: dict, names: list[str], leaves: list[str], unwritten: frozenset[str],
+                   leaf_of: Callable[[str], str]) -> str | None:
     """The first reason an output holding tensors ``names``, of which ``leaves`` are quantized
-    (``<leaf>.W_q``, ``<leaf>.meta.*``), would not load into the model ``model_config`` describes;
+    (``leaf_of`` names the leaf a tensor belongs to, else gives the tensor's own name), would not load into the model ``model_config`` describes;
     ``None`` when every tensor has a place and every parameter and buffer (but the ``unwritten``
     buffers, which no safetensors dtype holds and every loader recomputes) has a tensor.
 
@@ -321,7 +322,7 @@ def output_problem(model_config: dict, names: list[str], leaves: list[str],
     supplied: set[str] = set()
     experts: dict[str, set[int]] = {}
     for name in sorted(names):
-        leaf = name.removesuffix(".W_q") if name.endswith(".W_q") else name.split(".meta.")[0]
+        leaf = leaf_of(name)
         if leaf == name or leaf not in quantized:
             if name not in layout.places:
                 return f"output tensor {name!r} has no place in {layout.class_name}"

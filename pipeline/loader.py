@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sinq_ops import QuantizedWeight
+from sinq_ops import QuantConfig, QuantizedWeight
+from sinq_ops.compressed import from_compressed
 
 from .architecture import empty_model, model_layout
 from .job.formats import pair_scales, source_format
@@ -22,7 +23,7 @@ from .job.mapping import source_groups
 from sinq_ops.formats import dequantize_fp8, dequantize_mxfp4
 from .io.hf_names import INDEX_NAME
 from .io.storage import Location, StorageOptions
-from .output.layout import SIDECAR_NAME
+from .output.layout import SIDECAR_NAME, quantized_leaf
 from .output.manifest import IncompleteOutput, verify
 from .quantized import IncompleteExperts, install
 from .sources import Source, open_source
@@ -86,14 +87,14 @@ def load_quantized(
     weights: dict[str, QuantizedWeight] = {}
     biases: dict[str, torch.Tensor] = {}
     claimed: set[str] = set()
-    of_leaf: dict[str, list[str]] = {}  # a quantized leaf's tensors: <leaf>.W_q and <leaf>.meta.*
+    of_leaf: dict[str, list[str]] = {}  # a quantized leaf's tensors: <leaf>.W_q and <leaf>.meta.*, or <leaf>.weight_*
     for n in weight_map:
-        leaf = n.removesuffix(".W_q") if n.endswith(".W_q") else n.split(".meta.")[0]
+        leaf = quantized_leaf(n)
         if leaf != n and leaf in sidecar:
             of_leaf.setdefault(leaf, []).append(n)
     for leaf, entry in sidecar.items():
         names = of_leaf.get(leaf, [])
-        weights[leaf] = QuantizedWeight.from_state_dict({n: read(n) for n in names}, entry["meta"], leaf)
+        weights[leaf] = _weight(leaf, {n: read(n) for n in names}, entry["meta"])
         claimed.update(names)
         if f"{leaf}.bias" in weight_map:
             biases[leaf] = read(f"{leaf}.bias")
@@ -105,6 +106,22 @@ def load_quantized(
     except IncompleteExperts as exc:
         raise IncompleteOutput(f"{location}: {exc}") from None
     return _finish(model, location, device)
+
+
+def _weight(leaf: str, tensors: dict[str, torch.Tensor], meta: dict) -> QuantizedWeight:
+    """A quantized leaf from its tensors and sidecar entry, in either output format."""
+    if meta.get("format") != "pack-quantized":
+        return QuantizedWeight.from_state_dict(tensors, meta, leaf)
+    try:
+        config = QuantConfig(bits=int(meta["nbits"]), group_size=int(meta["group_size"]), method=str(meta["method"]))
+        q = from_compressed({n[len(leaf) + 1:]: t for n, t in tensors.items()}, config)
+    except KeyError as exc:
+        raise ValueError(f"{leaf}: missing quantized field {exc.args[0]!r}") from None
+    except ValueError as exc:
+        raise ValueError(f"{leaf}: {exc}") from None
+    if list(q.shape) != [int(d) for d in meta["shape"]]:
+        raise ValueError(f"{leaf}: weight_shape {list(q.shape)} is not the sidecar's {meta['shape']}")
+    return q
 
 
 def load_source(

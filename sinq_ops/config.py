@@ -61,3 +61,24 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# What serving engines' integer kernels run (vLLM's Marlin, Machete and CPU kernels, SGLang's):
+# uniform asymmetric codes in groups along the input axis.
+SERVING_BITS = (4, 8)
+SERVING_GROUP_SIZES = (32, 64, 128)
+
+
+def check_servable(config: QuantConfig) -> None:
+    """Refuse, in one line naming what is supported, a config that no serving engine's int kernels run."""
+    why = []
+    if config.bits not in SERVING_BITS:
+        why.append(f"bits={config.bits} (supported: {', '.join(map(str, SERVING_BITS))})")
+    if config.group_size not in SERVING_GROUP_SIZES:
+        why.append(f"group_size={config.group_size} (supported: {', '.join(map(str, SERVING_GROUP_SIZES))})")
+    if config.tiling != "1D":
+        why.append(f"tiling={config.tiling} (supported: 1D)")
+    if config.codebook_name:
+        why.append(f"method={config.method} (supported: sinq, rtn; engines run uniform integer codes only)")
+    if why:
+        raise ValueError("--format compressed-tensors cannot hold " + "; ".join(why))

@@ -260,15 +260,22 @@ def _wants_sinkhorn(config: QuantConfig, tile_rows: int, kurtosis_of: Callable[[
     return config.uses_sinkhorn and tile_rows > 1 and kurtosis_of() <= KURTOSIS_GATE
 
 
-def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int):
+def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, column_scale: Tensor | None = None,
+                zero_in_range: bool = False):
     """Reference path: sinkhorn.py, rounding.py and packing.py on an fp32 copy of the weight."""
     _check_range(*(float(v) for v in torch.aminmax(w)))  # NaN and Inf propagate
-    use_sinkhorn = _wants_sinkhorn(config, tile_rows, lambda: kurtosis(w))
+    use_sinkhorn = column_scale is not None or _wants_sinkhorn(config, tile_rows, lambda: kurtosis(w))
     n, k = w.shape
     g = config.group_size
     tiles = w.to(torch.float16).float().view(n // tile_rows, tile_rows, k // g, g)
     a, rows, b, cols = tiles.shape
-    if use_sinkhorn:
+    if column_scale is not None:
+        # A column scale decided by the caller (shared with other matrices, or tied across heads): in
+        # 1D tiling a row scale is constant over each group, so it would not change a single code.
+        row_scale = torch.ones(a, rows, b, device=w.device)
+        col_scale = column_scale.to(w.device, torch.float32).reshape(a, b, cols)
+        normalised = tiles / col_scale.unsqueeze(1)
+    elif use_sinkhorn:
         row_scale, col_scale = sinkhorn_scales(tiles, SINKHORN_ITERS)
         normalised = tiles / col_scale.unsqueeze(1) / row_scale.unsqueeze(-1)
     else:
@@ -278,7 +285,7 @@ def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int):
     if config.codebook_name:
         codes, step, zero = round_codebook(normalised, codebook(config.codebook_name, w.device))
     else:
-        codes, step, zero = round_uniform(normalised, config.max_code)
+        codes, step, zero = round_uniform(normalised, config.max_code, zero_in_range=zero_in_range)
     del normalised, tiles
     qweight = packing.pack(codes.reshape(-1, g), config.bits)
     return qweight, step.squeeze(-1) * row_scale, zero.squeeze(-1), col_scale, use_sinkhorn
@@ -314,18 +321,35 @@ def quantize(
     method: str = "sinq",
     aux: str = "int8",
     backend: str = "auto",
+    column_scale: Tensor | None = None,
+    zero_in_range: bool = False,
 ) -> QuantizedWeight:
     """Quantize a 2-D ``[out_features, in_features]`` weight on the device it lives on.
 
     The weight is rounded to fp16 first (as the reference does) and processed in fp32.
     ``backend="auto"`` runs the Triton kernels on CUDA tensors and the torch path elsewhere.
+
+    ``column_scale`` (``[in_features]``, 1D tiling, uniform codes) replaces the Sinkhorn column
+    scale and the kurtosis gate: the caller has computed one scale for several matrices that will
+    share it (``sinq_ops.columns``). ``zero_in_range`` keeps every group's zero among the codes
+    (``rounding.round_uniform``). Both run on the torch path.
     """
     config = QuantConfig(bits=bits, group_size=group_size, tiling=tiling, method=method, aux=aux)
     w = _prepare(weight, config)
-    path = _triton_path if _backend(w, backend) == "triton" else _torch_path
     n, k = w.shape
     g = config.group_size
-    qweight, group_scale, zero, col_scale, use_sinkhorn = path(w, config, n if tiling == "1D" else g)
+    constrained = column_scale is not None or zero_in_range
+    if constrained:
+        if tiling != "1D" or config.codebook_name:
+            raise ValueError("a given column scale and zero_in_range need 1D tiling and uniform codes")
+        if column_scale is not None and column_scale.numel() != k:
+            raise ValueError(f"column_scale holds {column_scale.numel()} values, expected in_features={k}")
+        if backend == "triton":
+            raise ValueError("backend='triton' takes no given column scale or zero_in_range; use 'torch'")
+        qweight, group_scale, zero, col_scale, use_sinkhorn = _torch_path(w, config, n, column_scale, zero_in_range)
+    else:
+        path = _triton_path if _backend(w, backend) == "triton" else _torch_path
+        qweight, group_scale, zero, col_scale, use_sinkhorn = path(w, config, n if tiling == "1D" else g)
 
     if tiling == "1D":
         scale_l, zero_l = group_scale.reshape(-1, 1), zero.reshape(-1, 1)

@@ -14,10 +14,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sinq_ops.config import AUX_FORMATS, METHODS, SUPPORTED_BITS, TILINGS, QuantConfig
+from sinq_ops.config import AUX_FORMATS, METHODS, SUPPORTED_BITS, TILINGS, QuantConfig, check_servable
 
 from ..io.storage import StorageOptions
 from .settings import format_size, parse_size
+
+
+# sinq: the reference's layout, every option; compressed-tensors: what vLLM and SGLang load natively.
+OUTPUT_FORMATS = ("sinq", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class JobOptions:
     model: str
     out: str
     quant: QuantConfig = field(default_factory=QuantConfig)
+    output_format: str = "sinq"
     storage: StorageOptions = field(default_factory=StorageOptions)
     workers: int | None = None  # quantize actors; None: one per GPU share, else one per CPU
     gpus_per_worker: float = 1.0
@@ -48,6 +53,10 @@ class JobOptions:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"--format {self.output_format!r} is not supported; choose one of {', '.join(OUTPUT_FORMATS)}")
+        if self.output_format == "compressed-tensors":
+            check_servable(self.quant)
         if self.gpus_per_worker <= 0:
             raise ValueError(f"--gpus-per-worker must be above 0, got {self.gpus_per_worker}")
         for name in ("include", "exclude"):
@@ -119,6 +128,10 @@ OPTIONS: tuple[Option, ...] = (
            choices=METHODS),
     Option("aux", "how group scales and zeros are stored: int8 (what SinqConfig produces) or fp16", "quant",
            choices=AUX_FORMATS),
+    Option("format", "output layout: sinq (the reference's, loaded by its loader and ours) or compressed-tensors "
+                     "(pack-quantized int codes that vLLM and SGLang serve natively; 4 or 8 bits, group 32, 64 or "
+                     "128, column scales folded into the neighbouring tensors)", attr="output_format",
+           choices=OUTPUT_FORMATS),
     Option("workers", "quantize actors (default: one per GPU share, else one per CPU)", kind="int", metavar="N"),
     Option("gpus_per_worker", "GPU share per actor; 0.5 packs two actors on one card", kind="float", metavar="F"),
     Option("cpus_per_worker", "CPU threads per actor", kind="int", metavar="N"),

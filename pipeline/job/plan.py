@@ -11,12 +11,15 @@ import math
 import re
 
 from sinq_ops import QuantConfig, quantized_layout
+from sinq_ops.compressed import layout as compressed_layout
+from sinq_ops.config import check_servable
 
 from ..architecture import ArchitectureError, ModelLayout, check_layer_count, shared_layout
 from ..conversion import Conversion
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import CARD_NAME
 from ..sources import Source
+from .folds import layer_folds, recipe_for
 from .formats import FormatError, pair_scales, source_format
 from .mapping import MappingError, Piece, SourceGroup, expert_piece, source_groups
 from .planned import (DEFAULT_WORKER_MEMORY, LAYER_PATTERN, KindSummary, Plan, TensorTask, Unit, held_bytes,
@@ -87,6 +90,7 @@ def make_plan(
     max_shard_size: int = 4 * 10**9,
     worker_memory: int = DEFAULT_WORKER_MEMORY,
     include_towers: bool = False,
+    output_format: str = "sinq",
 ) -> Plan:
     """Decide what is quantized, group tensors into units, and lay the units out in shards.
 
@@ -98,7 +102,16 @@ def make_plan(
 
     Only the language model's decoder layers are quantized unless ``include_towers``: a vision or
     audio tower's layers are copied.
+
+    ``output_format="compressed-tensors"`` plans the layout serving engines load
+    (``sinq_ops.compressed``), each decoder layer one unit with its folds (``pipeline.job.folds``).
     """
+    served = output_format == "compressed-tensors"
+    if served:
+        try:
+            check_servable(config)
+        except ValueError as exc:
+            raise PlanError(f"{source.spec}: {exc}") from None
     model_config = source.read_json("config.json")
     # Every file the job will read whole is checked now (inside the checkpoint, regular, within its
     # cap), not when the reducer copies it: the source's card too, whose licence fields it reads.
@@ -166,12 +179,22 @@ def make_plan(
     if undivided and kept_small >= SMALL_KEPT_SHARE * sum(math.prod(layout.shapes[n]) for n in quantized):
         raise PlanError(undivided[0][1])
 
+    if served:
+        odd = next((n for n in sorted(quantized) if n not in layout.linear_weights), None)
+        if odd is not None:
+            raise PlanError(f"{source.spec}: --format compressed-tensors writes Linear layers only, and {odd} is "
+                            f"{'an experts tensor' if odd in layout.expert_weights else 'a Conv1D'}; use --format sinq, "
+                            f"or leave it unquantized with --exclude '{re.escape(odd)}'")
+        scale_dtype = DTYPES[_float_dtype(model_config)]
+
+    def out_layout(shape: tuple[int, int]) -> dict:
+        return compressed_layout(shape, config, scale_dtype) if served else quantized_layout(shape, config)
+
     def quantized_task(name: str, leaf: str, pieces: tuple[Piece, ...], transpose: bool, expert: int | None,
                        conversion: Conversion | None, dtype: str) -> TensorTask:
         shape = quantized[name]
         stored = (shape[1], shape[0]) if transpose else shape
-        outputs = tuple(PlannedTensor(f"{leaf}.{suffix}", dt, shp)
-                        for suffix, (dt, shp) in quantized_layout(shape, config).items())
+        outputs = tuple(PlannedTensor(f"{leaf}.{suffix}", dt, shp) for suffix, (dt, shp) in out_layout(shape).items())
         return TensorTask(name, pieces, dtype, stored, True, outputs, leaf, transpose, expert, conversion=conversion)
 
     def copied(name: str, pieces: tuple[Piece, ...], first: Piece, conversion: Conversion | None) -> TensorTask:
@@ -244,7 +267,8 @@ def make_plan(
     units: list[Unit] = []
     for block, parts in grouped:
         for tasks in parts:
-            units.append(Unit(len(units), _unit_name(block, tasks, len(parts)), tuple(tasks), block))
+            folds = layer_folds(block, {t.name: t.quantize for t in tasks}, model_config) if served else None
+            units.append(Unit(len(units), _unit_name(block, tasks, len(parts)), tuple(tasks), block, folds))
     if not any(t.quantize for u in units for t in u.tasks):
         raise PlanError(f"{source.spec}: no tensor to quantize (no Linear or expert weights inside decoder "
                         "layers are selected)")
@@ -288,9 +312,26 @@ def make_plan(
         notes.append(f"over memory   {len(over)} units need more than --worker-memory {_gb(worker_memory)} on a CPU "
                      f"worker (first: {over[0].name}, {_gb(over[0].memory_bytes())}); only a layer's experts are split, "
                      "so these run as they are: raise --worker-memory if workers run out of memory")
+    placements = _placements(units) if served else {}
+    if served and recipe_for(model_config) is None:
+        logger.warning("no exact column-scale fold is known for model_type %r: its matrices are written with a "
+                       "column scale of 1 (round-to-nearest)", model_config.get("model_type"))
+        notes.append(f"column scales no exact fold is known for model_type {model_config.get('model_type')!r}: every "
+                     "matrix is written with a column scale of 1, which makes SINQ round-to-nearest")
     return Plan(source, config, units, shards, model_config, assets, not_converted, max_shard_size,
                 worker_memory, _kinds(layout, filled, units, {n for n, _, _ in undivided}), source_format=fmt, unwritten_buffers=unwritten,
-                notes=notes)
+                notes=notes, output_format=output_format, column_scales=placements)
+
+
+def _placements(units: list[Unit]) -> dict[str, str]:
+    """Per kind of quantized matrix (its name within the layer), where its column scale went."""
+    found: dict[str, set[str]] = {}
+    for u in units:
+        for t in u.tasks:
+            if t.quantize:
+                kind = t.name[len(u.block) + 1:] if t.name.startswith(u.block + ".") else t.name
+                found.setdefault(kind.removesuffix(".weight"), set()).add(u.folds.placement(t.name))
+    return {kind: "; ".join(sorted(where)) for kind, where in sorted(found.items())}
 
 
 def _layer_key(block: str) -> tuple[str, int]:

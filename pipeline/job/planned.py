@@ -18,6 +18,7 @@ from ..conversion import Conversion
 from ..io.safetensors_io import PlannedTensor
 from ..output.layout import shard_names
 from ..sources import Source
+from .folds import LayerFolds
 from .formats import SourceFormat
 from .mapping import Piece
 
@@ -82,6 +83,7 @@ class Unit:
     name: str
     tasks: tuple[TensorTask, ...]
     block: str = ""  # the decoder layer (or other group) a split unit belongs to; shards never split a block
+    folds: LayerFolds | None = None  # compressed-tensors output: where its matrices' column scales go
 
     @property
     def in_bytes(self) -> int:
@@ -143,6 +145,8 @@ class Plan:
     unwritten_buffers: frozenset[str] = frozenset()  # buffers no safetensors dtype holds (loaders recompute them)
     notes: list[str] = field(default_factory=list)
     forward_check: str = ""  # how the commit check ran the output's forward pass (set once it has)
+    output_format: str = "sinq"  # "sinq" or "compressed-tensors"
+    column_scales: dict[str, str] = field(default_factory=dict)  # compressed-tensors: kind -> its placement
 
     @property
     def shard_names(self) -> list[str]:
@@ -170,6 +174,7 @@ class Plan:
         """The per-kind summary as the manifest records it."""
         return {"kinds": [vars(k) for k in self.kinds], "quantized_share": round(self.quantized_share, 6),
                 "expert_matrices_quantized": sum(1 for t in self.quantized if t.expert is not None),
+                **({"column_scales": self.column_scales} if self.column_scales else {}),
                 **({"forward_check": self.forward_check} if self.forward_check else {})}
 
     def worker_memory_bytes(self, gpu: bool = False) -> int:
@@ -199,7 +204,8 @@ class Plan:
         lines = [
             f"source        {self.source.spec}" + ("" if self.source_format.method == "float" else
                                                      f" ({_format_text(self.source_format)}, dequantized first)"),
-            f"quantization  {cfg.method} {cfg.bits}-bit, group {cfg.group_size}, {cfg.tiling} tiling, {cfg.aux} scales",
+            f"quantization  {cfg.method} {cfg.bits}-bit, group {cfg.group_size}, {cfg.tiling} tiling, "
+            + (f"{cfg.aux} scales" if self.output_format == "sinq" else "written as compressed-tensors pack-quantized"),
             f"units         {len(self.units)} ({len(layers)} decoder layers; each unit planned within "
             f"{self.worker_memory / gb:.2f} GB of worker memory)",
             f"tensors       {len(self.quantized)} matrices quantized, "
@@ -231,6 +237,9 @@ class Plan:
                 f"{u.index:>4} {u.name[:40]:40s} {len(u.tasks):>7} {q:>5} {u.in_bytes / 1e6:>10.2f} "
                 f"{u.out_bytes / 1e6:>10.2f} {shard_of[u.index]:>5}"
             )
+        if self.column_scales:
+            lines += ["", f"{'column scale of':36s} placed"]
+            lines += [f"{kind[:36]:36s} {where}" for kind, where in self.column_scales.items()]
         lines.extend(self.notes)
         return "\n".join(lines)
 

@@ -21,7 +21,7 @@ from ..io.safetensors_io import PlannedTensor, aligned_order, grouped_order, hea
 from ..io.multipart import MIN_PART
 from ..io.storage import Location
 from ..output.card import card_bytes, source_licence
-from ..output.layout import CARD_NAME, SIDECAR_NAME, quantization_config
+from ..output.layout import CARD_NAME, SIDECAR_NAME, compressed_tensors_config, quantization_config, quantized_leaf
 from ..output.manifest import MANIFEST_NAME, FileRecord, build_manifest, encode_manifest
 from .plan import Plan
 from .unit import UnitResult
@@ -43,7 +43,7 @@ def check_plan(plan: Plan, leaves: dict[str, tuple[int, int]] | None = None) -> 
     names = [o.name for u in plan.units for o in u.outputs]
     if leaves is None:
         leaves = {t.leaf: (t.shape[1], t.shape[0]) if t.transpose else t.shape for t in plan.quantized}
-    problem = output_problem(plan.model_config, names, list(leaves), plan.unwritten_buffers)
+    problem = output_problem(plan.model_config, names, list(leaves), plan.unwritten_buffers, quantized_leaf)
     if problem is not None:
         raise UnloadableOutput(f"{plan.source.spec}: the output would not load, so it is not committed: {problem}")
     check = check_forward(plan.model_config, leaves, plan.config)
@@ -212,8 +212,12 @@ class Assembler:
         sidecar = {leaf: {"meta": dict(sorted(meta.items()))}
                    for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
         self._put_json(SIDECAR_NAME, sidecar)
-        self._put_json("config.json", {**plan.model_config, "quantization_config": quantization_config(
-            plan.config, plan.not_converted, quantized_experts=plan.structure()["expert_matrices_quantized"] > 0)})
+        if plan.output_format == "compressed-tensors":
+            block = compressed_tensors_config(plan.config, plan.not_converted)
+        else:
+            block = quantization_config(plan.config, plan.not_converted,
+                                        quantized_experts=plan.structure()["expert_matrices_quantized"] > 0)
+        self._put_json("config.json", {**plan.model_config, "quantization_config": block})
         for asset in plan.assets:
             self._put(asset, plan.source.read_bytes(asset))
         units = [self.results[u.index] for u in plan.units]
@@ -221,7 +225,7 @@ class Assembler:
         def manifest() -> dict:
             return build_manifest(
                 source={"spec": plan.source.spec, **plan.source.identity, "format": plan.source_format.describe()},
-                quantization={**plan.config.to_dict(), "quant_method": "sinq", "modules_not_converted": plan.not_converted},
+                quantization=_quantization(plan),
                 files=self.files,
                 tensors=[vars(s) for u in units for s in u.stats],
                 units=[{"name": u.name, "worker": u.worker, "seconds": round(u.read_s + u.quantize_s + u.write_s, 3),
@@ -248,3 +252,13 @@ class Assembler:
             return source_licence(source.read_bytes(CARD_NAME)) if source.exists(CARD_NAME) else {}
         except OSError:  # unreadable: the card only goes without the source's licence fields
             return {}
+
+
+def _quantization(plan: Plan) -> dict:
+    """The manifest's quantization block: the config, the output's format and what it leaves unconverted."""
+    config = plan.config.to_dict()
+    if plan.output_format == "compressed-tensors":
+        config.pop("aux")  # group scales are stored in the model's dtype, zeros as packed integers
+        return {**config, "quant_method": "compressed-tensors", "format": "compressed-tensors",
+                "modules_not_converted": plan.not_converted}
+    return {**config, "quant_method": "sinq", "format": "sinq", "modules_not_converted": plan.not_converted}

@@ -43,7 +43,8 @@ def run_key(source: Source, opts: JobOptions) -> str:
     """Names the staging area: the same source, config and selection give the same key."""
     ident = {"source": source.identity, "config": opts.quant.to_dict(), "include": list(opts.include),
              "exclude": list(opts.exclude), "max_shard_size": opts.max_shard_size, "tool": tool_version(),
-             **({"include_towers": True} if opts.include_towers else {})}
+             **({"include_towers": True} if opts.include_towers else {}),
+             **({"format": opts.output_format} if opts.output_format != "sinq" else {})}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,7 +101,7 @@ def _ensure_ray(opts: JobOptions) -> None:
 def _plan(source: Source, opts: JobOptions) -> Plan:
     plan = make_plan(source, opts.quant, include=list(opts.include), exclude=list(opts.exclude),
                      max_shard_size=opts.max_shard_size, worker_memory=opts.worker_memory,
-                     include_towers=opts.include_towers)
+                     include_towers=opts.include_towers, output_format=opts.output_format)
     logger.info("planned %d units in %d shards: %.3f GB in, %.3f GB out", len(plan.units), len(plan.shards),
                 plan.in_bytes / 1e9, plan.out_bytes / 1e9)
     return plan

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -25,6 +26,7 @@ from ..io.storage import Location
 from ..sources import Source
 from .mapping import Piece
 from .plan import TensorTask, Unit
+from .served import quantize_served
 
 
 class UnitError(ValueError):
@@ -182,13 +184,9 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
     return _stage(unit, staging, outputs, sidecar, stats, read_s, quant_s)
 
 
-def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw: list[list[torch.Tensor]],
-              read_s: float) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
-    """The unit's output tensors, sidecar entries and statistics, and the read and quantize seconds."""
-    outputs: dict[str, torch.Tensor] = {}
-    sidecar: dict[str, dict] = {}
-    stats: list[TensorStats] = []
-    quant_s = 0.0
+def _assembled(source: Source, unit: Unit, raw: list[list[torch.Tensor]]) -> Iterator[tuple[TensorTask, torch.Tensor, float]]:
+    """Each task of ``unit`` with its tensor decoded from the bytes read (``assemble_task``), and the
+    seconds that took; a conversion's results are dropped once its last task has taken them."""
     converted: dict = {}  # conversion -> the tensors it made, until every task taking one has run
     left = Counter((t.conversion.key, t.conversion.expert) for t in unit.tasks if t.conversion is not None)
     for task, stored in zip(unit.tasks, raw):
@@ -205,7 +203,20 @@ def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw:
             left[key] -= 1
             if not left[key]:
                 converted.pop(key, None)
-        read_s += time.perf_counter() - t0
+        yield task, tensor, time.perf_counter() - t0
+
+
+def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw: list[list[torch.Tensor]],
+              read_s: float) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
+    """The unit's output tensors, sidecar entries and statistics, and the read and quantize seconds."""
+    outputs: dict[str, torch.Tensor] = {}
+    sidecar: dict[str, dict] = {}
+    stats: list[TensorStats] = []
+    quant_s = 0.0
+    if unit.folds is not None:
+        return _quantize_served(source, unit, config, device, raw, read_s)
+    for task, tensor, seconds in _assembled(source, unit, raw):
+        read_s += seconds
         if not task.quantize:
             outputs[task.name] = tensor
             continue
@@ -228,6 +239,33 @@ def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw:
         stats.append(TensorStats(label, list(w.shape), config.bits, err, seconds, q.sinkhorn_applied))
         del w, q, tensor
     return outputs, sidecar, stats, read_s, quant_s
+
+
+def _quantize_served(source: Source, unit: Unit, config: QuantConfig, device: str, raw: list[list[torch.Tensor]],
+                     read_s: float) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
+    """``_quantize`` for a compressed-tensors output: the layer decoded whole, then ``quantize_served``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for task, tensor, seconds in _assembled(source, unit, raw):
+        read_s += seconds
+        tensors[task.name] = tensor.t().contiguous() if task.quantize and task.transpose else tensor
+    sidecar: dict[str, dict] = {}
+    stats: list[TensorStats] = []
+
+    def stat(task: TensorTask, w: torch.Tensor, q, seconds: float) -> None:
+        sidecar[task.leaf] = {"format": "pack-quantized", "nbits": config.bits, "group_size": config.group_size,
+                              "shape": list(w.shape), "method": config.method,
+                              "column_scale": unit.folds.placement(task.name)}
+        stats.append(TensorStats(task.name, list(w.shape), config.bits, relative_error(w, q), seconds,
+                                 q.sinkhorn_applied))
+
+    t0 = time.perf_counter()
+    try:
+        outputs = quantize_served(unit, config, device, tensors, stat)
+    except ValueError as exc:
+        raise UnitError(f"{source.spec}: {unit.name}: {exc}") from None
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return outputs, sidecar, stats, read_s, time.perf_counter() - t0
 
 
 def _stage(unit: Unit, staging: Location, outputs: dict[str, torch.Tensor], sidecar: dict[str, dict],

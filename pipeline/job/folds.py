@@ -1,0 +1,112 @@
+"""Where each quantized matrix's column scale goes in a compressed-tensors output.
+
+Serving engines hold no per-input-column scale, so SINQ's column scale must move into the tensors
+that produce the matrix's input (``sinq_ops.columns``). Which tensor that is depends on the layer's
+dataflow, which names alone do not prove: Gemma's ``post_attention_layernorm`` normalises the
+attention's output, not the MLP's input, and Gemma 3n's ``v_norm`` stands between ``v_proj`` and
+``o_proj``. So folds are made only for families whose decoder layer is known to compute what the
+recipe assumes (``RECIPES``, each checked against the family's own transformers class by the
+tests); every other quantized matrix gets a column scale of 1, and the plan says so per kind.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SharedInput:
+    """Quantized matrices that read one normed input: one column scale for all, folded into the norm."""
+
+    norm: str  # the norm's weight (a copied tensor)
+    readers: tuple[str, ...]  # quantized weights reading the norm's output
+    one_plus: bool = False  # the norm computes x * (1 + w)
+
+
+@dataclass(frozen=True)
+class RowFold:
+    """A quantized matrix whose input is the output of ``producer`` (through an elementwise product or
+    attention's weighted sum): its column scale goes into the producer's rows (and bias)."""
+
+    reader: str
+    producer: str
+    heads: int = 0  # attention output: query heads and key/value heads, the column scale tied per KV head
+    kv_heads: int = 0
+
+
+@dataclass(frozen=True)
+class LayerFolds:
+    """Every fold of one unit, in the order they are applied: row folds first, since a producer's
+    scaled rows are what its shared column scale is computed from."""
+
+    rows: tuple[RowFold, ...] = ()
+    shared: tuple[SharedInput, ...] = ()
+
+    def placement(self, name: str) -> str:
+        """How the column scale of quantized weight ``name`` is placed, as the manifest says it."""
+        for r in self.rows:
+            if r.reader == name:
+                tied = " (tied across the query heads of each key/value head)" if r.heads else ""
+                return f"folded into {_kind(r.producer)} rows{tied}"
+        for s in self.shared:
+            if name in s.readers:
+                others = ", ".join(_kind(n) for n in s.readers)
+                return f"shared by {others}, folded into {_kind(s.norm)}"
+        return "1 (no exact fold for this kind)"
+
+
+def _kind(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``self_attn.q_proj``: the name within its layer."""
+    return re.sub(r"^.*?\.\d+\.", "", name.removesuffix(".weight"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family's dense decoder layer: the names, relative to the layer, of what reads what."""
+
+    attention_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    one_plus: bool = False
+
+
+# Families whose decoder layer is x + attn(norm1(x)) then x + mlp(norm2(x)), q/k/v and gate/up
+# reading their norm's output directly, v's output reaching o_proj through attention only, and
+# up's output multiplying act(gate) before down_proj. q_norm/k_norm (Qwen 3) sit after q/k: no effect.
+RECIPES = {name: Recipe() for name in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+def recipe_for(model_config: dict) -> Recipe | None:
+    return RECIPES.get(str(model_config.get("model_type", "")))
+
+
+def layer_folds(block: str, names: dict[str, bool], model_config: dict) -> LayerFolds:
+    """The folds of decoder layer ``block`` whose tensors (name -> quantized) are all in its unit.
+
+    A fold is made only when every tensor it touches is there, its matrices quantized and its norm
+    copied; otherwise its readers keep a column scale of 1."""
+    recipe = recipe_for(model_config)
+    if recipe is None:
+        return LayerFolds()
+    p = f"{block}."
+    att, mlp = f"{p}{recipe.attention}.", f"{p}{recipe.mlp}."
+
+    def quantized(*ws: str) -> bool:
+        return all(names.get(w) is True for w in ws)
+
+    rows, shared = [], []
+    heads = int(model_config.get("num_attention_heads") or 0)
+    kv_heads = int(model_config.get("num_key_value_heads") or heads)
+    o, v = f"{att}o_proj.weight", f"{att}v_proj.weight"
+    if heads and quantized(o, v):
+        rows.append(RowFold(o, v, heads, kv_heads))
+    down, up, gate = f"{mlp}down_proj.weight", f"{mlp}up_proj.weight", f"{mlp}gate_proj.weight"
+    if quantized(down, up):
+        rows.append(RowFold(down, up))
+    for norm, readers in ((f"{p}{recipe.attention_norm}.weight", tuple(f"{att}{x}_proj.weight" for x in "qkv")),
+                          (f"{p}{recipe.mlp_norm}.weight", (gate, up))):
+        if names.get(norm) is False and quantized(*readers):
+            shared.append(SharedInput(norm, readers, recipe.one_plus))
+    return LayerFolds(tuple(rows), tuple(shared))

@@ -1,0 +1,72 @@
+"""One unit of a compressed-tensors output: its layer's tensors quantized together, column scales folded.
+
+A layer's folds tie its tensors to each other (``pipeline.job.folds``): ``o_proj``'s column scale
+changes ``v_proj``'s rows before q, k and v get their shared column scale, which changes the
+attention norm's weight. So, unlike the SINQ layout, a unit is decoded whole first, the folds run
+in order, and only then is each matrix quantized with the column scale it was given.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from sinq_ops import QuantConfig, quantize
+from sinq_ops.columns import (divide_columns, fold_into_norm, fold_into_rows, heads_scale_to_kv, shared_column_scale,
+                              tied_column_scale)
+from sinq_ops.compressed import to_compressed
+
+from ..io.safetensors_io import DTYPES
+from .planned import TensorTask, Unit
+
+
+class FoldError(ValueError):
+    """A fold made a tensor its dtype cannot hold."""
+
+
+def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[str, torch.Tensor],
+                    stat: Callable[[TensorTask, torch.Tensor, object, float], None]) -> dict[str, torch.Tensor]:
+    """The unit's output tensors from its decoded ones (``tensors``, by task name; quantized tasks'
+    as the [out, in] matrix). ``stat(task, weight, quantized, seconds)`` is called per matrix."""
+    folds = unit.folds
+    work = {name: t.to(device) for name, t in tensors.items()}
+    column: dict[str, torch.Tensor] = {}
+    for r in folds.rows:
+        w = work[r.reader]
+        if r.heads:
+            scale = tied_column_scale(w, heads=r.heads, kv_heads=r.kv_heads)
+            rows = heads_scale_to_kv(scale, heads=r.heads, kv_heads=r.kv_heads)
+        else:
+            scale = rows = shared_column_scale([w])
+        column[r.reader] = scale
+        work[r.producer] = fold_into_rows(work[r.producer], rows)
+        bias = r.producer.removesuffix(".weight") + ".bias"
+        if bias in work:
+            work[bias] = work[bias].float() * rows
+    for s in folds.shared:
+        scale = shared_column_scale([work[n] for n in s.readers])
+        for n in s.readers:
+            column[n] = scale
+        work[s.norm] = fold_into_norm(work[s.norm], scale, one_plus=s.one_plus)
+
+    outputs: dict[str, torch.Tensor] = {}
+    for task in unit.tasks:
+        w = work.pop(task.name)
+        if not task.quantize:
+            out = w.to("cpu", DTYPES[task.dtype])
+            if out.is_floating_point() and not torch.isfinite(out).all() and torch.isfinite(w).all():
+                raise FoldError(f"{task.name}: its folded values overflow {task.dtype}")
+            outputs[task.name] = out
+            continue
+        t0 = time.perf_counter()
+        scale = column.get(task.name)
+        if scale is None:
+            scale = torch.ones(w.shape[1], device=w.device)
+        q = quantize(w, **{**config.to_dict(), "aux": "fp16"}, backend="torch", column_scale=scale, zero_in_range=True)
+        scale_dtype = next(o.dtype for o in task.outputs if o.name.endswith(".weight_scale"))
+        outputs.update({f"{task.leaf}.{k}": v for k, v in to_compressed(q.to("cpu"), scale_dtype).items()})
+        stat(task, w, q, time.perf_counter() - t0)
+    return outputs
+
