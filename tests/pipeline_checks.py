@@ -66,12 +66,12 @@ def assert_output_matches_source(out: Path, src: Path, config: QuantConfig) -> N
     assert "lm_head" in qc["modules_to_not_convert"]
 
 
-def assert_cli_refuses(src: Path, out: Path, capsys, *expected: str) -> str:
+def assert_cli_refuses(src: Path, out: Path, capsys, *expected: str, args: tuple[str, ...] = ()) -> str:
     """``jobs.quantize`` refuses ``src`` in one ``error:`` line holding each of ``expected``, and no
     manifest or shard appears at ``out`` (where ``out`` is not the source itself). Returns the line."""
     from jobs import quantize
 
-    assert quantize.main(["--model", str(src), "--out", str(out), "--workers", "1"]) == 1
+    assert quantize.main(["--model", str(src), "--out", str(out), "--workers", "1", *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     for piece in expected:

@@ -62,8 +62,8 @@ def _existing_output(dest: Location, key: str, opts: JobOptions, log: Callable[[
     if old is not None and old.get("run_key") == key and not opts.overwrite:
         return old
     if old is not None and not opts.overwrite:
-        raise JobError(f"{dest.url} already holds a complete output of another job (model, config, tensor selection "
-                       "or tool version); pass --overwrite to replace it")
+        raise JobError(f"{dest.url} already holds a complete output of another job (model, config, output format, "
+                       "tensor selection or tool version); pass --overwrite to replace it")
     dest.remove(MANIFEST_NAME)  # from here on the output is incomplete until the new manifest lands
     return None
 

@@ -1,0 +1,194 @@
+"""``--format compressed-tensors``: SINQ written in the layout serving engines load, its column scales
+folded into the model's other tensors.
+
+The oracle is SINQ applied in memory to the float model with the same constrained scales and no
+folding at all: each matrix replaced by its dequantization with the column scale applied, a
+producer's rows scaled back where its rows carried the next matrix's scale. The output, loaded with
+``load_quantized`` from its pack-quantized tensors and folded norms, must compute the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StableLmConfig, StableLmForCausalLM)
+
+from pipeline.job.options import JobOptions
+from pipeline.job.run import run_job
+from pipeline.loader import load_quantized
+from pipeline.output.layout import CT_SUFFIXES
+from pipeline_checks import assert_cli_refuses, read_dir_tensors
+from sinq_ops import QuantConfig, quantize
+from sinq_ops.columns import heads_scale_to_kv, shared_column_scale, tied_column_scale
+from sinq_ops.compressed import SUFFIXES
+
+CONFIG = QuantConfig(bits=4, group_size=32)
+DIMS = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)
+FAMILIES = {
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32)),  # q_norm and k_norm after the projections
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q, k and v biases: v's is scaled with its rows
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True)),  # up's bias too
+    "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=1)),  # every query head on one KV head
+}
+
+
+def _save(tmp: Path, family: str, seed: int = 0, **extra) -> tuple[Path, torch.nn.Module]:
+    config_cls, model_cls, kw = FAMILIES[family] if family in FAMILIES else extra.pop("classes")
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**DIMS, **kw, **extra})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):  # norms and biases that are not all ones and zeros
+                p.copy_((1 if "norm" in name else 0) + 0.2 * torch.randn_like(p))
+    src = tmp / f"{family}-src"
+    model.save_pretrained(src)
+    return src, model
+
+
+def _deq(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q = quantize(w, **{**CONFIG.to_dict(), "aux": "fp16"}, backend="torch", column_scale=scale, zero_in_range=True)
+    return q.dequantize(torch.float32, apply_scale2=False) * scale[None, :]  # the scale itself, not its fp16 copy
+
+
+def in_memory_served(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with SINQ under the serving constraints applied in memory, nothing folded."""
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            s_o = tied_column_scale(at.o_proj.weight, heads=heads, kv_heads=kv)
+            s_vrows = heads_scale_to_kv(s_o, heads=heads, kv_heads=kv)
+            s_d = shared_column_scale([mlp.down_proj.weight])
+            v_rows = at.v_proj.weight * s_vrows[:, None]
+            up_rows = mlp.up_proj.weight * s_d[:, None]
+            s_a = shared_column_scale([at.q_proj.weight, at.k_proj.weight, v_rows])
+            s_m = shared_column_scale([mlp.gate_proj.weight, up_rows])
+            at.q_proj.weight.copy_(_deq(at.q_proj.weight, s_a))
+            at.k_proj.weight.copy_(_deq(at.k_proj.weight, s_a))
+            at.v_proj.weight.copy_(_deq(v_rows, s_a) / s_vrows[:, None])
+            at.o_proj.weight.copy_(_deq(at.o_proj.weight, s_o))
+            mlp.gate_proj.weight.copy_(_deq(mlp.gate_proj.weight, s_m))
+            mlp.up_proj.weight.copy_(_deq(up_rows, s_m) / s_d[:, None])
+            mlp.down_proj.weight.copy_(_deq(mlp.down_proj.weight, s_d))
+    return model
+
+
+def _quantize(src: Path, out: Path, **opts) -> dict:
+    return run_job(JobOptions(model=str(src), out=str(out), quant=opts.pop("quant", CONFIG),
+                              output_format="compressed-tensors", **opts), in_process=True)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_output_computes_what_unfolded_sinq_computes_in_memory(tmp_path: Path, family: str) -> None:
+    src, model = _save(tmp_path, family)
+    out = tmp_path / "out"
+    manifest = _quantize(src, out)
+    ids = torch.randint(0, DIMS["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        float_logits = model(ids).logits
+        want = in_memory_served(model)(ids).logits
+        got = load_quantized(str(out))(ids).logits
+    assert (got - want).abs().max() < 2e-4 * want.abs().max(), (got - want).abs().max()
+    assert (want - float_logits).abs().max() > 1e-3  # it is quantized
+    placed = manifest["structure"]["column_scales"]
+    assert placed["self_attn.o_proj"].startswith("folded into self_attn.v_proj rows (tied")
+    assert placed["mlp.down_proj"] == "folded into mlp.up_proj rows"
+    assert placed["self_attn.q_proj"].endswith("folded into input_layernorm")
+    # the scales are SINQ's, not ones: the norms now differ from the source's
+    tensors = read_dir_tensors(out)
+    source = read_dir_tensors(src)
+    assert not torch.equal(tensors["model.layers.0.input_layernorm.weight"], source["model.layers.0.input_layernorm.weight"])
+
+
+def test_layout_is_what_serving_engines_read(tmp_path: Path) -> None:
+    src, _ = _save(tmp_path, "qwen3")
+    out = tmp_path / "out"
+    _quantize(src, out)
+    assert SUFFIXES == CT_SUFFIXES
+    tensors = read_dir_tensors(out)
+    leaf = "model.layers.1.mlp.down_proj"
+    assert {k for k in tensors if k.startswith(leaf)} == {f"{leaf}.{s}" for s in SUFFIXES}
+    assert (tensors[f"{leaf}.weight_packed"].dtype, list(tensors[f"{leaf}.weight_packed"].shape)) == (torch.int32, [128, 32])
+    assert list(tensors[f"{leaf}.weight_scale"].shape) == [128, 8]
+    assert list(tensors[f"{leaf}.weight_zero_point"].shape) == [16, 8]
+    assert tensors[f"{leaf}.weight_shape"].tolist() == [128, 256]
+    assert not any(".W_q" in k or ".meta." in k for k in tensors)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"], weights["strategy"]) == (4, 32, False, "group")
+    assert qc["ignore"] == ["lm_head"]
+    card = (out / "README.md").read_text()
+    assert "vllm.entrypoints.openai.api_server" in card and "folded into input_layernorm" in card
+
+
+def test_format_is_part_of_the_run_key(tmp_path: Path, capsys) -> None:
+    src, _ = _save(tmp_path, "qwen3")
+    out = tmp_path / "out"
+    run_job(JobOptions(model=str(src), out=str(out), quant=CONFIG), in_process=True)
+    capsys.readouterr()
+    from jobs import quantize
+
+    assert quantize.main(["--model", str(src), "--out", str(out), "--workers", "1", "--group-size", "32",
+                          "--format", "compressed-tensors"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "another job (model, config, output format" in err and "--overwrite" in err and "\n" not in err
+    manifest = _quantize(src, out, overwrite=True)
+    assert manifest["quantization"]["format"] == "compressed-tensors"
+    again = _quantize(src, out)  # the same job again: nothing to do
+    assert again["run_key"] == manifest["run_key"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--bits", "3"), "bits=3 (supported: 4, 8)"),
+    (("--group-size", "48"), "group_size=48 (supported: 32, 64, 128)"),
+    (("--tiling", "2D"), "tiling=2D (supported: 1D)"),
+    (("--method", "nf4"), "method=nf4 (supported: sinq, rtn"),
+])
+def test_unservable_settings_are_refused_before_any_work(tmp_path: Path, capsys, args, expected) -> None:
+    src = tmp_path / "nothing-read"
+    src.mkdir()
+    assert_cli_refuses(src, tmp_path / "out", capsys, "--format compressed-tensors cannot hold", expected,
+                       args=("--format", "compressed-tensors", *args))
+
+
+def test_experts_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    src, _ = _save(tmp_path, "mixtral", classes=(MixtralConfig, MixtralForCausalLM, {}), num_local_experts=4,
+                   num_experts_per_tok=2)
+    capsys.readouterr()
+    assert_cli_refuses(src, tmp_path / "out", capsys, "writes Linear layers only", "experts", "--format sinq",
+                       args=("--format", "compressed-tensors", "--group-size", "32"))
+
+
+def test_a_family_without_a_known_fold_keeps_column_scales_of_one(tmp_path: Path, caplog) -> None:
+    # StableLM's parallel-residual variants read one norm from both branches: no recipe claims it.
+    src, model = _save(tmp_path, "stablelm", classes=(StableLmConfig, StableLmForCausalLM, {}))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        manifest = _quantize(src, out)
+    assert "no exact column-scale fold is known for model_type 'stablelm'" in caplog.text
+    assert set(manifest["structure"]["column_scales"].values()) == {"1 (no exact fold for this kind)"}
+    ids = torch.randint(0, DIMS["vocab_size"], (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                ones = torch.ones(module.weight.shape[1])
+                module.weight.copy_(_deq(module.weight, ones))
+        want = model(ids).logits
+        got = load_quantized(str(out))(ids).logits
+    assert (got - want).abs().max() < 2e-4 * want.abs().max()
+
+
+def test_every_family_with_a_fold_recipe_is_checked_here() -> None:
+    from pipeline.job.folds import RECIPES
+
+    assert set(RECIPES) <= set(FAMILIES)
