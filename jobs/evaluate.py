@@ -1,12 +1,14 @@
 """Perplexity of a source model and of its quantized output on the same token windows.
 
-    sinq-evaluate --model SRC --quantized OUT [--text FILE] [--ctx 2048] [--windows N]
+    sinq-evaluate --model SRC --quantized OUT [--text FILE] [--ctx 2048] [--windows N] [--engine URL]
     python -m jobs.evaluate ...          (the same)
 
 Windows are non-overlapping, cut from the start of the text (default: WikiText-2 test, word
 level, from $SINQ_EVAL_TEXT or ../shared/data/wikitext2_test.txt). SRC is a local directory, an
 s3:// URL or a Hub repo org/name[@revision]; OUT a local directory or s3://. Prints both
-perplexities, their ratio and the time taken, and adds eval.json to the quantized output.
+perplexities, their ratio and the time taken, and adds eval.json to the quantized output. With
+``--engine URL`` the quantized output's perplexity comes from the serving engine at URL (vLLM's
+OpenAI-compatible server, serving OUT) through its own prompt log-probabilities.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs import cli
 from pipeline.io.storage import Location, StorageOptions
+
+if TYPE_CHECKING:
+    from pipeline.engine import Engine
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext2_test.txt"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -28,12 +34,13 @@ def default_text() -> str:
 
 def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows: int | None = None,
              device: str = "cpu", dtype: "torch.dtype | None" = None, storage: StorageOptions | None = None,
-             log=print) -> dict:
+             engine: "Engine | None" = None, log=print) -> dict:
     """Evaluate both models on the same windows; records eval.json in ``quantized``.
 
     ``model`` is any source but a synthetic one: a local directory, ``s3://...`` or a Hub repo
     ``org/name[@revision]`` (the commit the output was quantized from, when its manifest names the
     same spec). ``quantized`` is a local directory or ``s3://...``; ``storage`` serves both.
+    ``engine`` (``pipeline.engine.Engine``), when given, serves ``quantized`` and measures it.
     """
     import torch
 
@@ -56,9 +63,16 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
     src = perplexity(source_model, ids, device)
     del source_model
     log(f"source     ppl {src.ppl:.4f} ({src.seconds:.1f} s)")
-    quant = perplexity(load_quantized(quantized, device=device, dtype=dtype, storage=storage), ids, device)
-    log(f"quantized  ppl {quant.ppl:.4f} ({quant.seconds:.1f} s)")
+    if engine is None:
+        quant = perplexity(load_quantized(quantized, device=device, dtype=dtype, storage=storage), ids, device)
+    else:
+        from pipeline.engine import engine_perplexity
+
+        quant = engine_perplexity(engine, ids)
+    log(f"quantized  ppl {quant.ppl:.4f} ({quant.seconds:.1f} s{', served by ' + engine.public_url if engine else ''})")
     result = report(src, quant, text=text, ctx=ctx)
+    if engine is not None:
+        result["quantized"]["engine"] = {"url": engine.public_url, "model": engine.served_model()}
     log(f"ratio      {result['ppl_ratio']:.4f}")
     record_evaluation(dest, result)
     return result
@@ -75,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, help="evaluate only the first N windows (default: all)")
     p.add_argument("--device", help="where the models run (default: cuda where there is one, else cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default: %(default)s)")
+    p.add_argument("--engine", metavar="URL",
+                   help="measure the quantized output through the serving engine at URL (an OpenAI-compatible "
+                        "server such as vLLM's, serving OUT) from its prompt log-probabilities")
+    p.add_argument("--engine-model", metavar="NAME", help="the model id the engine serves OUT as (default: its only one)")
     p.add_argument("--endpoint-url", help="S3 endpoint for an s3:// source or output (default: AWS_ENDPOINT_URL)")
     cli.add_common_flags(p)
     args = p.parse_args(argv)
@@ -83,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        from pipeline.engine import Engine
+
+        engine = Engine(args.engine, args.engine_model or "") if args.engine else None
         evaluate(args.model, args.quantized, text=args.text, ctx=args.ctx, windows=args.windows, device=device,
-                 dtype=getattr(torch, args.dtype), storage=StorageOptions(endpoint_url=args.endpoint_url))
+                 dtype=getattr(torch, args.dtype), storage=StorageOptions(endpoint_url=args.endpoint_url),
+                 engine=engine)
     except (ValueError, OSError) as exc:
         return cli.fail(exc)
     return 0

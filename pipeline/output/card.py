@@ -215,7 +215,7 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
             "| model | perplexity |",
             "|---|---|",
             f"| source | {src['ppl']:.4f} |",
-            f"| quantized | {quant['ppl']:.4f} |",
+            f"| quantized{' (served by ' + quant['engine']['model'] + ' at ' + quant['engine']['url'] + ')' if quant.get('engine') else ''} | {quant['ppl']:.4f} |",
             f"| ratio | {evaluation['ppl_ratio']:.4f} |",
         ]
     copied = copied_files(manifest)
