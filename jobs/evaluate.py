@@ -54,6 +54,7 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
     dest = Location(quantized, storage)
     source = check_evaluable(pinned_spec(model, dest), storage)
     verify(dest, hashes=False)  # a missing or incomplete output is refused before the source is read
+    served = engine.served_model() if engine is not None else ""  # and an engine that does not answer
     if source.identity.get("commit"):
         log(f"source {model} at commit {source.identity['commit']}")
 
@@ -72,7 +73,7 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
     log(f"quantized  ppl {quant.ppl:.4f} ({quant.seconds:.1f} s{', served by ' + engine.public_url if engine else ''})")
     result = report(src, quant, text=text, ctx=ctx)
     if engine is not None:
-        result["quantized"]["engine"] = {"url": engine.public_url, "model": engine.served_model()}
+        result["quantized"]["engine"] = {"url": engine.public_url, "model": served}
     log(f"ratio      {result['ppl_ratio']:.4f}")
     record_evaluation(dest, result)
     return result
