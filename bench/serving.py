@@ -63,7 +63,8 @@ def speed(server: Server, prompts: list[list[int]], new_tokens: int) -> dict:
     with ThreadPoolExecutor(len(prompts)) as pool:
         replies = list(pool.map(lambda p: _post(f"{server.url}/v1/completions", {**body, "prompt": p}), prompts))
     batch = sum(r["usage"]["completion_tokens"] for r in replies) / (time.perf_counter() - t0)
-    return {"single_tok_s": single, "batch_tok_s": batch, "rss_gb": server.rss_bytes() / 1e9}
+    return {"single_tok_s": single, "batch_tok_s": batch, "rss_gb": server.rss_bytes() / 1e9,
+            "kernel": server.int4_kernel()}
 
 
 def main() -> None:
@@ -122,10 +123,11 @@ def main() -> None:
         ref = ppl.get(f"{bits}-bit SINQ, reference")
         print(f"| {name} | {value:.3f} | {f'{value / ref:.4f}x' if ref and 'reference' not in name else ''} |")
     print(f"\nServing on vLLM CPU (float16, {len(prompts)} prompts of 128 tokens, {args.new_tokens} new tokens each):\n")
-    print("| model | tokens/s, one stream | tokens/s, all prompts at once | server memory (RSS) |")
-    print("|---|---|---|---|")
+    print("| model | tokens/s, one stream | tokens/s, all prompts at once | server memory (RSS) | int4 product |")
+    print("|---|---|---|---|---|")
     for name, s in speeds.items():
-        print(f"| {name} | {s['single_tok_s']:.1f} | {s['batch_tok_s']:.1f} | {s['rss_gb']:.2f} GB |")
+        kernel = s["kernel"] if "compressed" in name else "-"
+        print(f"| {name} | {s['single_tok_s']:.1f} | {s['batch_tok_s']:.1f} | {s['rss_gb']:.2f} GB | {kernel} |")
     print("\n" + ", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
 
 

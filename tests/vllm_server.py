@@ -9,7 +9,9 @@ compressed-tensors. What it takes to run on a CPU, as measured on this project's
   int4 kernel quantizes activations to int8 unless ``VLLM_CPU_INT4_W4A8=0`` (set anyway);
 - ``TORCHDYNAMO_DISABLE=1`` and ``--enforce-eager``: else the first request with log-probabilities
   compiles for about 25 s;
-- a small KV cache (``--kv-cache-memory-bytes``) and few sequences, so it starts in seconds in ~3 GB.
+- a small KV cache (``--kv-cache-memory-bytes``; ``VLLM_CPU_KVCACHE_SPACE``, in whole GiB, would
+  override it) and few sequences: up in about 40 s, in about 2 GB;
+- on an AVX2-only CPU, vllm-cpu's kernel library lacks the int4 GEMM (``vllm_plugin/``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ def _free_port() -> int:
 
 
 def serve_env() -> dict[str, str]:
-    return {**os.environ, "TORCHDYNAMO_DISABLE": "1", "VLLM_CPU_INT4_W4A8": "0", "SINQ_AUTO_PATCH": "0",
+    """The server's environment: the traps above avoided, and ``vllm_plugin/`` on the path (the int4
+    product on CPUs whose vllm-cpu build lacks it: ``vllm_plugin/sinq_cpu_wna16.py``)."""
+    plugin = str(Path(__file__).resolve().parent / "vllm_plugin")
+    path = os.pathsep.join(p for p in (plugin, os.environ.get("PYTHONPATH", "")) if p)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # it would override ours
+    return {**env, "PYTHONPATH": path, "TORCHDYNAMO_DISABLE": "1", "VLLM_CPU_INT4_W4A8": "0", "SINQ_AUTO_PATCH": "0",
             "VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1"}
 
@@ -65,6 +72,12 @@ def serve_env() -> dict[str, str]:
 class Server:
     url: str
     pid: int  # the leader of its process group (the API server; the engine core is its child)
+    log: Path
+
+    def int4_kernel(self) -> str:
+        """``native`` or ``dequantized`` (``vllm_plugin/sinq_cpu_wna16.py``), as the server's log says."""
+        text = self.log.read_text(errors="replace")
+        return "dequantized" if "has no cpu_gemm_wna16" in text else "native"
 
     def rss_bytes(self) -> int:
         """Resident memory of every process of the server's group."""
@@ -107,7 +120,7 @@ def vllm_server(model_dir: Path, log: Path, *, max_model_len: int = 512, kv_cach
             except OSError:
                 pass
             time.sleep(1)
-        yield Server(url, proc.pid)
+        yield Server(url, proc.pid, log)
     finally:
         _stop(proc)
 

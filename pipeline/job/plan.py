@@ -253,8 +253,10 @@ def make_plan(
     blocks = sorted(tasks_of, key=lambda b: (LAYER_PATTERN.match(b + ".") is not None, _layer_key(b)))
     # Buffers the model computes from its config, written for loaders that insist on them; a complex
     # one (Llama 4's vision rotary table) has no safetensors dtype, and every loader recomputes it.
-    buffers = {n: b for n, b in layout.buffers.items() if n not in filled and b.dtype in DTYPE_NAMES}
-    unwritten = frozenset(n for n, b in layout.buffers.items() if n not in filled and b.dtype not in DTYPE_NAMES)
+    # Serving engines refuse a tensor their model has no parameter for (vLLM: "no module or parameter named
+    # 'rotary_emb'"), so a compressed-tensors output writes none of them.
+    buffers = {n: b for n, b in layout.buffers.items() if n not in filled and b.dtype in DTYPE_NAMES and not served}
+    unwritten = frozenset(n for n, b in layout.buffers.items() if n not in filled and n not in buffers)
     grouped: list[tuple[str, list[list[TensorTask]]]] = []
     for block in blocks:
         if LAYER_PATTERN.match(block + ".") is None:
