@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from jobs import nightly as nightly_cli
 from pipeline.io import locks
 from checkpoints import write_llama_checkpoint
+from pipeline.loader import load_quantized
 from pipeline.output.manifest import verify
 from pipeline.nightly import CatalogResolver, load_watch_list, run_nightly
 from pipeline.io.storage import Location
@@ -155,3 +157,20 @@ def test_a_release_failing_in_a_way_nobody_foresaw_fails_alone_in_one_line(
     assert status["acme/beta"] == ("failed", "TypeError: unsupported operand type(s) for *: 'dict' and 'float'")
     assert status["acme/alpha"][0] == "done"
     assert report["counts"]["failed"] == 1 and report["counts"]["done"] == 1
+
+
+def test_a_compressed_tensors_config_runs_nightly_to_s3(s3, catalog: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "watch.yaml"
+    path.write_text(yaml.safe_dump({
+        "destination": "s3://nightly/served", "job": {"workers": 1},
+        "models": [{"repo": "acme/alpha", "configs": [{"name": "ct-4b-g64", "format": "compressed-tensors"}]}],
+    }))
+    assert nightly_cli.main(["--watch", str(path), "--catalog", str(catalog), "--quiet-jobs"]) == 0
+    assert "1 new, 1 done, 0 skipped, 0 failed" in capsys.readouterr().out
+    out = Location(f"s3://nightly/served/acme/alpha/{COMMITS['acme/alpha']}/ct-4b-g64")
+    manifest = verify(out)
+    assert manifest["quantization"]["format"] == "compressed-tensors"
+    assert json.loads(out.read_bytes("config.json"))["quantization_config"]["quant_method"] == "compressed-tensors"
+    model = load_quantized(out.url)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()

@@ -100,8 +100,10 @@ class Unit:
     def memory_bytes(self, gpu: bool = False) -> int:
         """Peak host memory of a worker on this unit: its source and output tensors, plus on a CPU
         worker the fp32 working copies of its largest weight (the weight, its square, the
-        normalised tiles, codes)."""
-        return memory_of(self.tasks, gpu)
+        normalised tiles, codes). A compressed-tensors unit also holds its layer decoded at once for
+        its folds: up to a float32 copy of every tensor."""
+        folded = 4 * sum(t.numel for t in self.tasks) if self.folds is not None else 0
+        return memory_of(self.tasks, gpu) + folded
 
 
 def memory_of(tasks: tuple[TensorTask, ...] | list[TensorTask], gpu: bool = False) -> int:
@@ -195,7 +197,12 @@ class Plan:
         """Peak GPU memory of one GPU worker, its CUDA context aside: the largest weight on the device,
         what the kernels allocate for it, and the error check's unpacked codes (a byte per weight) and row blocks."""
         sizes = [(t.nbytes, t.numel) for t in self.quantized]
-        return max((b + int(GPU_WORK_PER_FP16_BYTE * 2 * n) + n for b, n in sizes), default=0) + ERROR_CHECK_BYTES
+        peak = max((b + int(GPU_WORK_PER_FP16_BYTE * 2 * n) + n for b, n in sizes), default=0) + ERROR_CHECK_BYTES
+        # A compressed-tensors unit holds its whole layer on the device for its folds, and a float32
+        # copy of a producer whose rows took the next matrix's column scale.
+        layer = max((sum(t.nbytes for t in u.tasks) + 4 * max((t.numel for t in u.tasks if t.quantize), default=0)
+                     for u in self.units if u.folds is not None), default=0)
+        return peak + layer
 
     def describe(self) -> str:
         gb = 1e9
