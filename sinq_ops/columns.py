@@ -76,9 +76,3 @@ def fold_into_norm(weight: Tensor, scale: Tensor, *, one_plus: bool = False) -> 
 def fold_into_rows(weight: Tensor, scale: Tensor) -> Tensor:
     """``diag(scale) @ weight`` in float32: a producer whose outputs the next matrix's column scale multiplied."""
     return weight.float() * scale.to(weight.device, torch.float32)[:, None]
-
-
-def divide_columns(weight: Tensor, scale: Tensor) -> Tensor:
-    """``weight @ diag(1 / scale)`` in float32: a matrix that reads an input now multiplied by ``scale``
-    (a router beside the quantized matrices that share a normed input) and must compute as before."""
-    return weight.float() / scale.to(weight.device, torch.float32)[None, :]

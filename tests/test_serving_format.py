@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                          GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
                           MixtralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StableLmConfig, StableLmForCausalLM)
 
@@ -36,6 +37,9 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q, k and v biases: v's is scaled with its rows
     "llama": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True, mlp_bias=True)),  # up's bias too
     "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=1)),  # every query head on one KV head
+    "gemma": (GemmaConfig, GemmaForCausalLM, dict(head_dim=32)),  # norms of x * (1 + w)
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(head_dim=32)),  # and the MLP fed by pre_feedforward_layernorm
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, dict(head_dim=32)),
 }
 
 
@@ -46,7 +50,7 @@ def _save(tmp: Path, family: str, seed: int = 0, **extra) -> tuple[Path, torch.n
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):  # norms and biases that are not all ones and zeros
-                p.copy_((1 if "norm" in name else 0) + 0.2 * torch.randn_like(p))
+                p.copy_((1 if "norm" in name and "gemma" not in family else 0) + 0.2 * torch.randn_like(p))
     src = tmp / f"{family}-src"
     model.save_pretrained(src)
     return src, model

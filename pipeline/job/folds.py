@@ -76,6 +76,10 @@ class Recipe:
 # reading their norm's output directly, v's output reaching o_proj through attention only, and
 # up's output multiplying act(gate) before down_proj. q_norm/k_norm (Qwen 3) sit after q/k: no effect.
 RECIPES = {name: Recipe() for name in ("llama", "mistral", "qwen2", "qwen3")}
+# Gemma's norms compute x * (1 + w); Gemma 2 and 3 normalise the attention's output with
+# post_attention_layernorm and feed the MLP from pre_feedforward_layernorm.
+RECIPES["gemma"] = Recipe(one_plus=True)
+RECIPES.update({name: Recipe(mlp_norm="pre_feedforward_layernorm", one_plus=True) for name in ("gemma2", "gemma3_text")})
 
 
 def recipe_for(model_config: dict) -> Recipe | None:

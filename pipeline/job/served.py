@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from sinq_ops import QuantConfig, quantize
-from sinq_ops.columns import (divide_columns, fold_into_norm, fold_into_rows, heads_scale_to_kv, shared_column_scale,
+from sinq_ops.columns import (fold_into_norm, fold_into_rows, heads_scale_to_kv, shared_column_scale,
                               tied_column_scale)
 from sinq_ops.compressed import to_compressed
 
