@@ -196,3 +196,12 @@ def test_every_family_with_a_fold_recipe_is_checked_here() -> None:
     from pipeline.job.folds import RECIPES
 
     assert set(RECIPES) <= set(FAMILIES)
+
+
+def test_rtn_writes_column_scales_of_one_and_leaves_the_norms(tmp_path: Path) -> None:
+    src, _ = _save(tmp_path, "qwen3")
+    manifest = _quantize(src, tmp_path / "out", quant=QuantConfig(bits=4, group_size=32, method="rtn"))
+    assert set(manifest["structure"]["column_scales"].values()) == {"1 (round-to-nearest)"}
+    tensors, source = read_dir_tensors(tmp_path / "out"), read_dir_tensors(src)
+    assert torch.equal(tensors["model.layers.1.post_attention_layernorm.weight"],
+                       source["model.layers.1.post_attention_layernorm.weight"])

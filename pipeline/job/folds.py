@@ -42,9 +42,12 @@ class LayerFolds:
 
     rows: tuple[RowFold, ...] = ()
     shared: tuple[SharedInput, ...] = ()
+    rtn: bool = False  # round-to-nearest: every column scale is 1 by the method itself
 
     def placement(self, name: str) -> str:
         """How the column scale of quantized weight ``name`` is placed, as the manifest says it."""
+        if self.rtn:
+            return "1 (round-to-nearest)"
         for r in self.rows:
             if r.reader == name:
                 tied = " (tied across the query heads of each key/value head)" if r.heads else ""
@@ -86,11 +89,13 @@ def recipe_for(model_config: dict) -> Recipe | None:
     return RECIPES.get(str(model_config.get("model_type", "")))
 
 
-def layer_folds(block: str, names: dict[str, bool], model_config: dict) -> LayerFolds:
+def layer_folds(block: str, names: dict[str, bool], model_config: dict, method: str) -> LayerFolds:
     """The folds of decoder layer ``block`` whose tensors (name -> quantized) are all in its unit.
 
     A fold is made only when every tensor it touches is there, its matrices quantized and its norm
     copied; otherwise its readers keep a column scale of 1."""
+    if method == "rtn":
+        return LayerFolds(rtn=True)
     recipe = recipe_for(model_config)
     if recipe is None:
         return LayerFolds()

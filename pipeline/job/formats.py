@@ -115,7 +115,7 @@ def _pair_mxfp4(
             file, info = blocks.get(name) or scales[name]
             raise FormatError(f"{label}/{file}: {info.name!r} has no {'scales' if name in blocks else 'blocks'} "
                               "beside it, so its true values are unknown")
-        (file, codes), (sfile, exps) = blocks[name], scales[name]
+        (file, codes), (_, exps) = blocks[name], scales[name]
         if codes.dtype != "U8" or exps.dtype != "U8" or len(codes.shape) < 3 or codes.shape[:-1] != exps.shape \
                 or codes.shape[-1] != 16:
             raise FormatError(f"{label}/{file}: MXFP4 {codes.name!r} {codes.dtype} {list(codes.shape)} and "

@@ -269,7 +269,7 @@ def make_plan(
     units: list[Unit] = []
     for block, parts in grouped:
         for tasks in parts:
-            folds = layer_folds(block, {t.name: t.quantize for t in tasks}, model_config) if served else None
+            folds = layer_folds(block, {t.name: t.quantize for t in tasks}, model_config, config.method) if served else None
             units.append(Unit(len(units), _unit_name(block, tasks, len(parts)), tuple(tasks), block, folds))
     if not any(t.quantize for u in units for t in u.tasks):
         raise PlanError(f"{source.spec}: no tensor to quantize (no Linear or expert weights inside decoder "
@@ -315,7 +315,7 @@ def make_plan(
                      f"worker (first: {over[0].name}, {_gb(over[0].memory_bytes())}); only a layer's experts are split, "
                      "so these run as they are: raise --worker-memory if workers run out of memory")
     placements = _placements(units) if served else {}
-    if served and recipe_for(model_config) is None:
+    if served and config.uses_sinkhorn and recipe_for(model_config) is None:
         logger.warning("no exact column-scale fold is known for model_type %r: its matrices are written with a "
                        "column scale of 1 (round-to-nearest)", model_config.get("model_type"))
         notes.append(f"column scales no exact fold is known for model_type {model_config.get('model_type')!r}: every "
