@@ -117,3 +117,18 @@ def test_unreachable_engine_fails_in_one_line(served, capsys) -> None:
                               "--text", str(text), "--ctx", "48", "--windows", "1"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and err.startswith("error: http://127.0.0.1:9/v1/models") and "pw" not in err, err
+
+
+def test_packing_is_compressed_tensors_own() -> None:
+    """Our int32 packing against the compressed-tensors package vLLM pins (its values are signed:
+    ours plus the 2 ** (bits - 1) offset it adds before packing)."""
+    script = ("import sys, torch\nsys.path.insert(0, sys.argv[1])\n"
+              "from sinq_ops.compressed import pack_int32\n"
+              "from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32\n"
+              "for bits in (4, 8):\n    for dim in (0, 1):\n"
+              "        v = torch.randint(0, 2 ** bits, (24, 40), dtype=torch.uint8)\n"
+              "        signed = (v.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)\n"
+              "        assert torch.equal(pack_int32(v, bits, dim), pack_to_int32(signed, bits, packed_dim=dim)), (bits, dim)\n")
+    run = subprocess.run([str(serve_python()), "-c", script, str(Path(__file__).resolve().parents[1])],
+                         env=serve_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

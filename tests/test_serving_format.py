@@ -205,3 +205,18 @@ def test_rtn_writes_column_scales_of_one_and_leaves_the_norms(tmp_path: Path) ->
     tensors, source = read_dir_tensors(tmp_path / "out"), read_dir_tensors(src)
     assert torch.equal(tensors["model.layers.1.post_attention_layernorm.weight"],
                        source["model.layers.1.post_attention_layernorm.weight"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compressed_tensors_round_trip_keeps_codes_scales_and_zeros(bits: int) -> None:
+    from sinq_ops.compressed import from_compressed, to_compressed
+
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(bits)) + 0.3  # groups not centred on 0
+    config = QuantConfig(bits=bits, group_size=32)
+    q = quantize(w, **{**config.to_dict(), "aux": "fp16"}, backend="torch", column_scale=torch.ones(128),
+                 zero_in_range=True)
+    back = from_compressed(to_compressed(q, torch.float32), config)
+    assert torch.equal(back.dequantize(), q.dequantize(apply_scale2=False))
+    with pytest.raises(ValueError, match="zero_in_range"):
+        to_compressed(quantize(w.abs() + 1, **{**config.to_dict(), "aux": "fp16"}, backend="torch",
+                               column_scale=torch.ones(128)), torch.float32)  # all positive: zeros below 0
