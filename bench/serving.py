@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -129,6 +130,7 @@ def main() -> None:
         kernel = s["kernel"] if "compressed" in name else "-"
         print(f"| {name} | {s['single_tok_s']:.1f} | {s['batch_tok_s']:.1f} | {s['rss_gb']:.2f} GB | {kernel} |")
     print("\n" + ", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

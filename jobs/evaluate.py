@@ -54,7 +54,10 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
     dest = Location(quantized, storage)
     source = check_evaluable(pinned_spec(model, dest), storage)
     verify(dest, hashes=False)  # a missing or incomplete output is refused before the source is read
-    served = engine.served_model() if engine is not None else ""  # and an engine that does not answer
+    if engine is not None:  # and an engine that does not answer, or serves something else
+        from pipeline.engine import check_serves
+
+        served = check_serves(engine, quantized, ctx)
     if source.identity.get("commit"):
         log(f"source {model} at commit {source.identity['commit']}")
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pipeline.engine import Engine
 
-        engine = Engine(args.engine, args.engine_model or "") if args.engine else None
+        engine = Engine(args.engine, args.engine_model or "") if args.engine else None  # ValueError: one line
         evaluate(args.model, args.quantized, text=args.text, ctx=args.ctx, windows=args.windows, device=device,
                  dtype=getattr(torch, args.dtype), storage=StorageOptions(endpoint_url=args.endpoint_url),
                  engine=engine)

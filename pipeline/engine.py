@@ -9,8 +9,10 @@ text: the windows are exactly those the in-process evaluation uses.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +28,10 @@ class EngineError(OSError):
     """The engine could not be reached, or answered something other than prompt log-probabilities."""
 
 
+# The engine's API key, sent as a bearer token (vLLM's --api-key); never part of the URL, never logged.
+API_KEY_ENV = "SINQ_ENGINE_API_KEY"
+
+
 @dataclass(frozen=True)
 class Engine:
     """An OpenAI-compatible server, e.g. ``http://127.0.0.1:8000``, and the model it serves."""
@@ -34,37 +40,53 @@ class Engine:
     model: str = ""  # the served model's id; the server's only model when empty
     timeout_s: float = 600.0
 
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("--engine must be an http:// or https:// URL such as http://127.0.0.1:8000")
+        if "@" in parts.netloc or parts.query or parts.fragment:
+            # Said without repeating the URL: it may hold a password.
+            raise ValueError(f"--engine takes a plain URL, with no user, password or query in it; pass the "
+                             f"engine's API key in ${API_KEY_ENV}")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError("--engine has a port that is not a number") from None
+
     @property
     def public_url(self) -> str:
-        """The URL without any user or password in it, as reports may show it."""
-        parts = urllib.parse.urlsplit(self.url)
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return self.url.rstrip("/")
 
     def _call(self, path: str, body: dict | None = None) -> dict:
         url = self.url.rstrip("/") + path
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get(API_KEY_ENV):
+            headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
+        request = urllib.request.Request(url, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:300].replace("\n", " ")
             raise EngineError(f"{self.public_url}{path}: HTTP {exc.code}: {detail}") from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise EngineError(f"{self.public_url}{path}: {getattr(exc, 'reason', exc)}") from None
 
-    def served_model(self) -> str:
-        """The model id requests name: ``model``, checked against what the server lists."""
-        listed = [m.get("id") for m in self._call("/v1/models").get("data", [])]
+    def served(self) -> dict:
+        """The entry of ``/v1/models`` for the model requests name (``model``, else the server's only
+        one): its ``id``, and as vLLM lists them its ``root`` (what it loaded) and ``max_model_len``."""
+        listed = {m.get("id"): m for m in self._call("/v1/models").get("data", []) if isinstance(m, dict)}
         if self.model:
             if self.model not in listed:
-                raise EngineError(f"{self.public_url} serves {listed}, not {self.model!r}")
-            return self.model
+                raise EngineError(f"{self.public_url} serves {sorted(listed)}, not {self.model!r}")
+            return listed[self.model]
         if len(listed) != 1:
-            raise EngineError(f"{self.public_url} serves {len(listed)} models {listed}; name one")
-        return listed[0]
+            raise EngineError(f"{self.public_url} serves {len(listed)} models {sorted(listed)}; name one")
+        return next(iter(listed.values()))
+
+    def served_model(self) -> str:
+        return str(self.served()["id"])
 
     def prompt_logprobs(self, ids: list[int], model: str) -> list[float]:
         """``log p(ids[i] | ids[:i])`` for i >= 1, as the engine computes it."""
@@ -89,3 +111,17 @@ def engine_perplexity(engine: Engine, windows: torch.Tensor) -> Perplexity:
         total += -sum(logprobs) / len(logprobs)
     nll = total / len(windows)
     return Perplexity(math.exp(nll), nll, len(windows), windows.numel(), time.perf_counter() - t0)
+
+
+def check_serves(engine: Engine, output: str, ctx: int) -> str:
+    """The model id under which ``engine`` serves ``output``, refusing an engine that loaded another
+    local directory, or whose context is shorter than a window of ``ctx`` tokens."""
+    entry = engine.served()
+    root = str(entry.get("root") or "")
+    if root and "://" not in output and os.path.isdir(root) and os.path.realpath(root) != os.path.realpath(output):
+        raise EngineError(f"{engine.public_url} serves {root}, not {output}")
+    limit = entry.get("max_model_len")
+    if isinstance(limit, int) and limit < ctx + 1:  # the window, and the one token a completion must generate
+        raise EngineError(f"{engine.public_url} serves {entry['id']} with max_model_len {limit}, shorter than a "
+                          f"window of {ctx} tokens; start it with --max-model-len {ctx + 1} or pass a smaller --ctx")
+    return str(entry["id"])

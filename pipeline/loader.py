@@ -113,7 +113,8 @@ def _weight(leaf: str, tensors: dict[str, torch.Tensor], meta: dict) -> Quantize
     if meta.get("format") != "pack-quantized":
         return QuantizedWeight.from_state_dict(tensors, meta, leaf)
     try:
-        config = QuantConfig(bits=int(meta["nbits"]), group_size=int(meta["group_size"]), method=str(meta["method"]))
+        config = QuantConfig(bits=int(meta["nbits"]), group_size=int(meta["group_size"]), method=str(meta["method"]),
+                             aux="fp16")
         q = from_compressed({n[len(leaf) + 1:]: t for n, t in tensors.items()}, config)
     except KeyError as exc:
         raise ValueError(f"{leaf}: missing quantized field {exc.args[0]!r}") from None

@@ -11,6 +11,8 @@ scale the way SINQ computes one: Sinkhorn over all the rows that will share it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -18,27 +20,31 @@ from .config import KURTOSIS_GATE, SINKHORN_ITERS
 from .sinkhorn import kurtosis, sinkhorn_scales
 
 
-def shared_column_scale(weights: list[Tensor], *, gate: bool = True) -> Tensor:
+def shared_column_scale(weights: list[Tensor], group_size: int) -> Tensor:
     """One column scale ``[in_features]`` for matrices ``[n_i, in_features]`` that read one input.
 
-    Sinkhorn runs on the rows of all of them stacked, as SINQ's 1D tiling runs on one matrix's
-    rows; the kurtosis gate looks at the stack too, and gives ones where it falls back to RTN.
+    Sinkhorn runs on the rows of all of them stacked, tile by tile as SINQ's 1D tiling runs on one
+    matrix (every row, ``group_size`` columns a tile), so one matrix alone gets the column scale
+    ``sinq_ops.quantize`` would give it; the kurtosis gate looks at the stack, and gives ones where
+    it falls back to RTN.
     """
     if not weights:
         raise ValueError("no matrices to share a column scale")
     k = weights[0].shape[-1]
     if any(w.ndim != 2 or w.shape[-1] != k for w in weights):
         raise ValueError(f"matrices sharing a column scale need one in_features: {[list(w.shape) for w in weights]}")
+    if k % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={k}")
     stacked = torch.cat([w.to(torch.float16).float() for w in weights])
     if not torch.isfinite(stacked).all():
         raise ValueError("weight contains NaN or Inf")
-    if stacked.shape[0] < 2 or (gate and kurtosis(stacked) > KURTOSIS_GATE):
+    if stacked.shape[0] < 2 or kurtosis(stacked) > KURTOSIS_GATE:
         return torch.ones(k, device=stacked.device)
-    _, col = sinkhorn_scales(stacked.view(1, stacked.shape[0], 1, k), SINKHORN_ITERS)
+    _, col = sinkhorn_scales(stacked.view(1, stacked.shape[0], k // group_size, group_size), SINKHORN_ITERS)
     return col.reshape(k)
 
 
-def tied_column_scale(weight: Tensor, *, heads: int, kv_heads: int) -> Tensor:
+def tied_column_scale(weight: Tensor, group_size: int, *, heads: int, kv_heads: int) -> Tensor:
     """A column scale ``[in_features]`` for an attention output projection ``[hidden, heads * d]``
     that repeats for every query head of one key/value head, so it folds into ``v_proj``'s rows.
 
@@ -50,7 +56,10 @@ def tied_column_scale(weight: Tensor, *, heads: int, kv_heads: int) -> Tensor:
         raise ValueError(f"{heads} heads over {kv_heads} key/value heads do not fit in_features={k}")
     rep, d = heads // kv_heads, k // heads
     rows = weight.reshape(n, kv_heads, rep, d).permute(2, 0, 1, 3).reshape(rep * n, kv_heads * d)
-    return kv_scale_to_heads(shared_column_scale([rows]), heads=heads, kv_heads=kv_heads)
+    # Sinkhorn's tiles as wide as the groups, unless the stacked columns are fewer than one group
+    # holds (one key/value head narrower than a group): then as wide as both allow.
+    tile = math.gcd(group_size, kv_heads * d)
+    return kv_scale_to_heads(shared_column_scale([rows], tile), heads=heads, kv_heads=kv_heads)
 
 
 def kv_scale_to_heads(scale: Tensor, *, heads: int, kv_heads: int) -> Tensor:

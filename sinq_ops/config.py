@@ -67,6 +67,7 @@ class QuantConfig:
 # uniform asymmetric codes in groups along the input axis.
 SERVING_BITS = (4, 8)
 SERVING_GROUP_SIZES = (32, 64, 128)
+SERVING_8BIT_GROUP_SIZES = (64, 128)
 
 
 def check_servable(config: QuantConfig) -> None:
@@ -76,6 +77,9 @@ def check_servable(config: QuantConfig) -> None:
         why.append(f"bits={config.bits} (supported: {', '.join(map(str, SERVING_BITS))})")
     if config.group_size not in SERVING_GROUP_SIZES:
         why.append(f"group_size={config.group_size} (supported: {', '.join(map(str, SERVING_GROUP_SIZES))})")
+    elif config.bits == 8 and config.group_size not in SERVING_8BIT_GROUP_SIZES:
+        why.append(f"bits=8 with group_size={config.group_size} (asymmetric 8-bit runs on Machete only, which takes "
+                   f"groups of {' or '.join(map(str, SERVING_8BIT_GROUP_SIZES))})")
     if config.tiling != "1D":
         why.append(f"tiling={config.tiling} (supported: 1D)")
     if config.codebook_name:

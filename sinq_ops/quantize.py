@@ -264,7 +264,10 @@ def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, column_scale: Te
                 zero_in_range: bool = False):
     """Reference path: sinkhorn.py, rounding.py and packing.py on an fp32 copy of the weight."""
     _check_range(*(float(v) for v in torch.aminmax(w)))  # NaN and Inf propagate
-    use_sinkhorn = column_scale is not None or _wants_sinkhorn(config, tile_rows, lambda: kurtosis(w))
+    if column_scale is not None:
+        use_sinkhorn = bool((column_scale != 1).any())
+    else:
+        use_sinkhorn = _wants_sinkhorn(config, tile_rows, lambda: kurtosis(w))
     n, k = w.shape
     g = config.group_size
     tiles = w.to(torch.float16).float().view(n // tile_rows, tile_rows, k // g, g)

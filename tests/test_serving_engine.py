@@ -10,6 +10,7 @@ perplexity through the engine.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -111,13 +112,29 @@ def test_perplexity_through_the_engine(served, capsys) -> None:
     assert f"served by {out} at {url}" in (out / "README.md").read_text()
 
 
-def test_unreachable_engine_fails_in_one_line(served, capsys) -> None:
+@pytest.mark.parametrize("url, expected", [
+    ("http://127.0.0.1:9", "error: http://127.0.0.1:9/v1/models: "),
+    ("http://user:s3cret@127.0.0.1:9", "no user, password or query in it; pass the engine's API key in $SINQ_ENGINE_API_KEY"),
+    ("127.0.0.1:9", "must be an http:// or https:// URL"),
+])
+def test_a_bad_engine_fails_in_one_line_before_any_work(served, capsys, url: str, expected: str) -> None:
     src, out, _, text = served
-    code = evaluate_cli.main(["--model", str(src), "--quantized", str(out), "--engine", "http://user:pw@127.0.0.1:9",
-                              "--text", str(text), "--ctx", "48", "--windows", "1"])
+    code = evaluate_cli.main(["--model", str(src), "--quantized", str(out), "--engine", url, "--text", str(text),
+                              "--ctx", "48", "--windows", "1"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 1 and err.startswith("error: http://127.0.0.1:9/v1/models") and "pw" not in err, err
+    assert code == 1 and expected in err and "s3cret" not in err, err
 
+
+def test_an_engine_serving_another_directory_or_a_short_context_is_refused(served, tmp_path: Path, capsys) -> None:
+    src, out, url, text = served
+    code = evaluate_cli.main(["--model", str(src), "--quantized", str(out), "--engine", url, "--text", str(text),
+                              "--ctx", "600", "--windows", "1"])
+    assert code == 1 and "shorter than a window of 600 tokens" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    code = evaluate_cli.main(["--model", str(src), "--quantized", str(other), "--engine", url, "--text", str(text),
+                              "--ctx", "48", "--windows", "1"])
+    assert code == 1 and f"serves {out}, not {other}" in capsys.readouterr().err
 
 def test_packing_is_compressed_tensors_own() -> None:
     """Our int32 packing against the compressed-tensors package vLLM pins (its values are signed:

@@ -30,6 +30,7 @@ from sinq_ops.columns import heads_scale_to_kv, shared_column_scale, tied_column
 from sinq_ops.compressed import SUFFIXES
 
 CONFIG = QuantConfig(bits=4, group_size=32)
+G = CONFIG.group_size
 DIMS = dict(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False)
 FAMILIES = {
@@ -68,13 +69,13 @@ def in_memory_served(model: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
         for layer in model.model.layers:
             at, mlp = layer.self_attn, layer.mlp
-            s_o = tied_column_scale(at.o_proj.weight, heads=heads, kv_heads=kv)
+            s_o = tied_column_scale(at.o_proj.weight, G, heads=heads, kv_heads=kv)
             s_vrows = heads_scale_to_kv(s_o, heads=heads, kv_heads=kv)
-            s_d = shared_column_scale([mlp.down_proj.weight])
+            s_d = shared_column_scale([mlp.down_proj.weight], G)
             v_rows = at.v_proj.weight * s_vrows[:, None]
             up_rows = mlp.up_proj.weight * s_d[:, None]
-            s_a = shared_column_scale([at.q_proj.weight, at.k_proj.weight, v_rows])
-            s_m = shared_column_scale([mlp.gate_proj.weight, up_rows])
+            s_a = shared_column_scale([at.q_proj.weight, at.k_proj.weight, v_rows], G)
+            s_m = shared_column_scale([mlp.gate_proj.weight, up_rows], G)
             at.q_proj.weight.copy_(_deq(at.q_proj.weight, s_a))
             at.k_proj.weight.copy_(_deq(at.k_proj.weight, s_a))
             at.v_proj.weight.copy_(_deq(v_rows, s_a) / s_vrows[:, None])
@@ -131,7 +132,7 @@ def test_layout_is_what_serving_engines_read(tmp_path: Path) -> None:
     assert (weights["num_bits"], weights["group_size"], weights["symmetric"], weights["strategy"]) == (4, 32, False, "group")
     assert qc["ignore"] == ["lm_head"]
     card = (out / "README.md").read_text()
-    assert "vllm.entrypoints.openai.api_server" in card and "folded into input_layernorm" in card
+    assert "vllm serve path/to/this/output" in card and "folded into input_layernorm" in card
 
 
 def test_format_is_part_of_the_run_key(tmp_path: Path, capsys) -> None:
@@ -154,6 +155,7 @@ def test_format_is_part_of_the_run_key(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("args, expected", [
     (("--bits", "3"), "bits=3 (supported: 4, 8)"),
     (("--group-size", "48"), "group_size=48 (supported: 32, 64, 128)"),
+    (("--bits", "8", "--group-size", "32"), "bits=8 with group_size=32 (asymmetric 8-bit runs on Machete only"),
     (("--tiling", "2D"), "tiling=2D (supported: 1D)"),
     (("--method", "nf4"), "method=nf4 (supported: sinq, rtn"),
 ])
@@ -212,7 +214,7 @@ def test_compressed_tensors_round_trip_keeps_codes_scales_and_zeros(bits: int) -
     from sinq_ops.compressed import from_compressed, to_compressed
 
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(bits)) + 0.3  # groups not centred on 0
-    config = QuantConfig(bits=bits, group_size=32)
+    config = QuantConfig(bits=bits, group_size=64)
     q = quantize(w, **{**config.to_dict(), "aux": "fp16"}, backend="torch", column_scale=torch.ones(128),
                  zero_in_range=True)
     back = from_compressed(to_compressed(q, torch.float32), config)
@@ -220,3 +222,17 @@ def test_compressed_tensors_round_trip_keeps_codes_scales_and_zeros(bits: int) -
     with pytest.raises(ValueError, match="zero_in_range"):
         to_compressed(quantize(w.abs() + 1, **{**config.to_dict(), "aux": "fp16"}, backend="torch",
                                column_scale=torch.ones(128)), torch.float32)  # all positive: zeros below 0
+
+
+def test_one_matrix_alone_gets_the_column_scale_sinq_gives_it() -> None:
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.2, 3, 256)
+    mine = quantize(w, bits=4, group_size=64, aux="fp16").scale2.float().reshape(-1)
+    assert torch.allclose(shared_column_scale([w], 64).half().float(), mine)
+
+
+def test_a_fused_group_quantized_in_part_is_refused(tmp_path: Path, capsys) -> None:
+    src, _ = _save(tmp_path, "qwen3")
+    capsys.readouterr()
+    assert_cli_refuses(src, tmp_path / "out", capsys, "self_attn.v_proj would stay unquantized",
+                       "q_proj/k_proj/v_proj", args=("--format", "compressed-tensors", "--group-size", "32",
+                                                     "--exclude", r"layers\.1\.self_attn\.v_proj"))

@@ -17,6 +17,7 @@ compressed-tensors. What it takes to run on a CPU, as measured on this project's
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -38,10 +39,13 @@ class ServeUnavailable(RuntimeError):
 
 
 def serve_python(wait_s: float = 1500.0) -> Path:
-    """The serving environment's python, once ``dev.sh`` has built it (waiting while it builds)."""
+    """The serving environment's python, once ``dev.sh`` has built it (waiting while it builds; at
+    once, with what to run, where nothing builds it)."""
     stamp, failed = SERVE_VENV / ".installed", Path(f"{SERVE_VENV}.failed")
     deadline = time.monotonic() + wait_s
     while not stamp.exists():
+        if not _building():
+            raise ServeUnavailable(f"{SERVE_VENV} is not built and nothing is building it: run bash dev.sh serve-setup")
         if failed.exists() or time.monotonic() > deadline:
             log = Path(f"{SERVE_VENV}.log")
             tail = log.read_text(errors="replace")[-1500:] if log.exists() else "(no log)"
@@ -49,6 +53,20 @@ def serve_python(wait_s: float = 1500.0) -> Path:
             raise ServeUnavailable(f"{SERVE_VENV}: {why} (bash dev.sh serve-setup); log tail:\n{tail}")
         time.sleep(2)
     return SERVE_VENV / "bin" / "python"
+
+
+def _building() -> bool:
+    """Whether a ``dev.sh`` build of the serving environment holds its lock now."""
+    try:
+        with open(f"{SERVE_VENV}.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+    except OSError:
+        return False
 
 
 def _free_port() -> int:

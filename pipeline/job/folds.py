@@ -119,3 +119,20 @@ def layer_folds(block: str, names: dict[str, bool], model_config: dict, method: 
         if names.get(norm) is False and quantized(*readers):
             shared.append(SharedInput(norm, readers, recipe.one_plus))
     return LayerFolds(tuple(rows), tuple(shared))
+
+
+# What vLLM fuses into one layer of one quantization scheme: all of a group or none of it quantized.
+FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def unfused(block: str, names: dict[str, bool]) -> str | None:
+    """Why layer ``block`` (tensor name -> quantized) would not load in vLLM, which fuses q/k/v and
+    gate/up into one layer each and refuses one whose parts are quantized differently; else None."""
+    for group in FUSED:
+        got = {m: names.get(f"{block}.{m}.weight") for m in group}
+        if len({q for q in got.values() if q is not None}) > 1:
+            kept = [m for m, q in got.items() if q is False]
+            return (f"{block}: {', '.join(kept)} would stay unquantized beside its quantized "
+                    f"{'/'.join(m.rsplit('.', 1)[1] for m in group)} partners, which serving engines fuse into one "
+                    "layer of one scheme; quantize all of them or none (--include/--exclude)")
+    return None

@@ -19,10 +19,10 @@ from ..conversion import Conversion
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import CARD_NAME
 from ..sources import Source
-from .folds import layer_folds, recipe_for
+from .folds import LayerFolds, layer_folds, recipe_for, unfused
 from .formats import FormatError, pair_scales, source_format
 from .mapping import MappingError, Piece, SourceGroup, expert_piece, source_groups
-from .planned import (DEFAULT_WORKER_MEMORY, LAYER_PATTERN, KindSummary, Plan, TensorTask, Unit, held_bytes,
+from .planned import (DEFAULT_WORKER_MEMORY, column_scale_placements, LAYER_PATTERN, KindSummary, Plan, TensorTask, Unit, held_bytes,
                       memory_of, peak_bytes)
 
 _QUANTIZABLE = ("F16", "BF16", "F32")
@@ -269,7 +269,14 @@ def make_plan(
     units: list[Unit] = []
     for block, parts in grouped:
         for tasks in parts:
-            folds = layer_folds(block, {t.name: t.quantize for t in tasks}, model_config, config.method) if served else None
+            folds = None
+            if served and any(t.quantize for t in tasks):  # a tower's layers (--include-towers) get no recipe
+                names = {t.name: t.quantize for t in tasks}
+                folds = layer_folds(block, names, model_config, config.method) if block.startswith(decoder) \
+                    else LayerFolds(rtn=config.method == "rtn")
+                split = unfused(block, names)
+                if split:
+                    raise PlanError(f"{source.spec}: {split}")
             units.append(Unit(len(units), _unit_name(block, tasks, len(parts)), tuple(tasks), block, folds))
     if not any(t.quantize for u in units for t in u.tasks):
         raise PlanError(f"{source.spec}: no tensor to quantize (no Linear or expert weights inside decoder "
@@ -314,7 +321,7 @@ def make_plan(
         notes.append(f"over memory   {len(over)} units need more than --worker-memory {_gb(worker_memory)} on a CPU "
                      f"worker (first: {over[0].name}, {_gb(over[0].memory_bytes())}); only a layer's experts are split, "
                      "so these run as they are: raise --worker-memory if workers run out of memory")
-    placements = _placements(units) if served else {}
+    placements = column_scale_placements(units) if served else {}
     if served and config.uses_sinkhorn and recipe_for(model_config) is None:
         logger.warning("no exact column-scale fold is known for model_type %r: its matrices are written with a "
                        "column scale of 1 (round-to-nearest)", model_config.get("model_type"))
@@ -323,17 +330,6 @@ def make_plan(
     return Plan(source, config, units, shards, model_config, assets, not_converted, max_shard_size,
                 worker_memory, _kinds(layout, filled, units, {n for n, _, _ in undivided}), source_format=fmt, unwritten_buffers=unwritten,
                 notes=notes, output_format=output_format, column_scales=placements)
-
-
-def _placements(units: list[Unit]) -> dict[str, str]:
-    """Per kind of quantized matrix (its name within the layer), where its column scale went."""
-    found: dict[str, set[str]] = {}
-    for u in units:
-        for t in u.tasks:
-            if t.quantize:
-                kind = t.name[len(u.block) + 1:] if t.name.startswith(u.block + ".") else t.name
-                found.setdefault(kind.removesuffix(".weight"), set()).add(u.folds.placement(t.name))
-    return {kind: "; ".join(sorted(where)) for kind, where in sorted(found.items())}
 
 
 def _layer_key(block: str) -> tuple[str, int]:

@@ -251,6 +251,17 @@ class Plan:
         return "\n".join(lines)
 
 
+def column_scale_placements(units: list[Unit]) -> dict[str, str]:
+    """Per kind of quantized matrix (its name within the layer), where its column scale went."""
+    found: dict[str, set[str]] = {}
+    for u in units:
+        for t in u.tasks:
+            if t.quantize:
+                kind = t.name[len(u.block) + 1:] if t.name.startswith(u.block + ".") else t.name
+                found.setdefault(kind.removesuffix(".weight"), set()).add(u.folds.placement(t.name))
+    return {kind: "; ".join(sorted(where)) for kind, where in sorted(found.items())}
+
+
 def _format_text(fmt: SourceFormat) -> str:
     if fmt.method == "mxfp4":
         return "mxfp4 experts"

@@ -8,8 +8,9 @@ in order, and only then is each matrix quantized with the column scale it was gi
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -26,27 +27,38 @@ class FoldError(ValueError):
     """A fold made a tensor its dtype cannot hold."""
 
 
+@contextlib.contextmanager
+def _naming(what: str) -> Iterator[None]:
+    """A ``ValueError`` from the math, named after the tensor it was about."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
 def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[str, torch.Tensor],
                     stat: Callable[[TensorTask, torch.Tensor, object, float], None]) -> dict[str, torch.Tensor]:
     """The unit's output tensors from its decoded ones (``tensors``, by task name; quantized tasks'
     as the [out, in] matrix). ``stat(task, weight, quantized, seconds)`` is called per matrix."""
-    folds = unit.folds
+    folds, g = unit.folds, config.group_size
     work = {name: t.to(device) for name, t in tensors.items()}
     column: dict[str, torch.Tensor] = {}
     for r in folds.rows:
         w = work[r.reader]
-        if r.heads:
-            scale = tied_column_scale(w, heads=r.heads, kv_heads=r.kv_heads)
-            rows = heads_scale_to_kv(scale, heads=r.heads, kv_heads=r.kv_heads)
-        else:
-            scale = rows = shared_column_scale([w])
+        with _naming(r.reader):
+            if r.heads:
+                scale = tied_column_scale(w, g, heads=r.heads, kv_heads=r.kv_heads)
+                rows = heads_scale_to_kv(scale, heads=r.heads, kv_heads=r.kv_heads)
+            else:
+                scale = rows = shared_column_scale([w], g)
         column[r.reader] = scale
         work[r.producer] = fold_into_rows(work[r.producer], rows)
         bias = r.producer.removesuffix(".weight") + ".bias"
         if bias in work:
             work[bias] = work[bias].float() * rows
     for s in folds.shared:
-        scale = shared_column_scale([work[n] for n in s.readers])
+        with _naming(" and ".join(s.readers)):
+            scale = shared_column_scale([work[n] for n in s.readers], g)
         for n in s.readers:
             column[n] = scale
         work[s.norm] = fold_into_norm(work[s.norm], scale, one_plus=s.one_plus)
@@ -64,9 +76,11 @@ def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[
         scale = column.get(task.name)
         if scale is None:
             scale = torch.ones(w.shape[1], device=w.device)
-        q = quantize(w, **{**config.to_dict(), "aux": "fp16"}, backend="torch", column_scale=scale, zero_in_range=True)
         scale_dtype = next(o.dtype for o in task.outputs if o.name.endswith(".weight_scale"))
-        outputs.update({f"{task.leaf}.{k}": v for k, v in to_compressed(q.to("cpu"), scale_dtype).items()})
+        with _naming(task.name):
+            q = quantize(w, **{**config.to_dict(), "aux": "fp16"}, backend="torch", column_scale=scale,
+                         zero_in_range=True)
+            outputs.update({f"{task.leaf}.{k}": v for k, v in to_compressed(q.to("cpu"), scale_dtype).items()})
         stat(task, w, q, time.perf_counter() - t0)
     return outputs
 

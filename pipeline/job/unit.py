@@ -209,12 +209,12 @@ def _assembled(source: Source, unit: Unit, raw: list[list[torch.Tensor]]) -> Ite
 def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw: list[list[torch.Tensor]],
               read_s: float) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
     """The unit's output tensors, sidecar entries and statistics, and the read and quantize seconds."""
+    if unit.folds is not None:
+        return _quantize_served(source, unit, config, device, raw, read_s)
     outputs: dict[str, torch.Tensor] = {}
     sidecar: dict[str, dict] = {}
     stats: list[TensorStats] = []
     quant_s = 0.0
-    if unit.folds is not None:
-        return _quantize_served(source, unit, config, device, raw, read_s)
     for task, tensor, seconds in _assembled(source, unit, raw):
         read_s += seconds
         if not task.quantize:

