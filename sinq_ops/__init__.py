@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 _HOMES = {
     "QuantConfig": "config", "SINQExperts": "experts", "SINQLinear": "linear", "QuantizedWeight": "quantize", "quantize": "quantize",
-    "quantized_layout": "quantize", "relative_error": "quantize",
+    "quantized_layout": "layout", "relative_error": "quantize",
 }
 
 if TYPE_CHECKING:
     from .config import QuantConfig
     from .experts import SINQExperts
     from .linear import SINQLinear
-    from .quantize import QuantizedWeight, quantize, quantized_layout, relative_error
+    from .layout import quantized_layout
+    from .quantize import QuantizedWeight, quantize, relative_error
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import aux8, packing
 from .config import KURTOSIS_GATE, SINKHORN_ITERS, QuantConfig
+from .layout import quantized_layout
 from .memory import ERROR_BLOCK_ELEMENTS
 from .rounding import codebook, decode, round_codebook, round_uniform
 from .sinkhorn import kurtosis, sinkhorn_scales
@@ -261,7 +262,7 @@ def _wants_sinkhorn(config: QuantConfig, tile_rows: int, kurtosis_of: Callable[[
 
 
 def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, column_scale: Tensor | None = None,
-                zero_in_range: bool = False):
+                zero_in_range: bool = False, scale_dtype: torch.dtype | None = None):
     """Reference path: sinkhorn.py, rounding.py and packing.py on an fp32 copy of the weight."""
     _check_range(*(float(v) for v in torch.aminmax(w)))  # NaN and Inf propagate
     if column_scale is not None:
@@ -288,7 +289,8 @@ def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, column_scale: Te
     if config.codebook_name:
         codes, step, zero = round_codebook(normalised, codebook(config.codebook_name, w.device))
     else:
-        codes, step, zero = round_uniform(normalised, config.max_code, zero_in_range=zero_in_range)
+        codes, step, zero = round_uniform(normalised, config.max_code, zero_in_range=zero_in_range,
+                                          scale_dtype=scale_dtype)
     del normalised, tiles
     qweight = packing.pack(codes.reshape(-1, g), config.bits)
     return qweight, step.squeeze(-1) * row_scale, zero.squeeze(-1), col_scale, use_sinkhorn
@@ -326,6 +328,7 @@ def quantize(
     backend: str = "auto",
     column_scale: Tensor | None = None,
     zero_in_range: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> QuantizedWeight:
     """Quantize a 2-D ``[out_features, in_features]`` weight on the device it lives on.
 
@@ -335,21 +338,23 @@ def quantize(
     ``column_scale`` (``[in_features]``, 1D tiling, uniform codes) replaces the Sinkhorn column
     scale and the kurtosis gate: the caller has computed one scale for several matrices that will
     share it (``sinq_ops.columns``). ``zero_in_range`` keeps every group's zero among the codes
-    (``rounding.round_uniform``). Both run on the torch path.
+    (``rounding.round_uniform``), and ``scale_dtype`` has the codes chosen for, and the group scales
+    kept in, the dtype a serving format stores them in. These run on the torch path.
     """
     config = QuantConfig(bits=bits, group_size=group_size, tiling=tiling, method=method, aux=aux)
     w = _prepare(weight, config)
     n, k = w.shape
     g = config.group_size
-    constrained = column_scale is not None or zero_in_range
+    constrained = column_scale is not None or zero_in_range or scale_dtype is not None
     if constrained:
         if tiling != "1D" or config.codebook_name:
-            raise ValueError("a given column scale and zero_in_range need 1D tiling and uniform codes")
+            raise ValueError("a given column scale, zero_in_range and scale_dtype need 1D tiling and uniform codes")
         if column_scale is not None and column_scale.numel() != k:
             raise ValueError(f"column_scale holds {column_scale.numel()} values, expected in_features={k}")
         if backend == "triton":
-            raise ValueError("backend='triton' takes no given column scale or zero_in_range; use 'torch'")
-        qweight, group_scale, zero, col_scale, use_sinkhorn = _torch_path(w, config, n, column_scale, zero_in_range)
+            raise ValueError("backend='triton' takes no given column scale, zero_in_range or scale_dtype; use 'torch'")
+        qweight, group_scale, zero, col_scale, use_sinkhorn = _torch_path(w, config, n, column_scale, zero_in_range,
+                                                                          scale_dtype)
     else:
         path = _triton_path if _backend(w, backend) == "triton" else _torch_path
         qweight, group_scale, zero, col_scale, use_sinkhorn = path(w, config, n if tiling == "1D" else g)
@@ -366,37 +371,10 @@ def quantize(
         scale_v: GroupValues = aux8.encode(scale_l, aux8.scale_tile(scale_l.numel()))
         zero_v: GroupValues = aux8.encode(zero_l, zero_l.numel())
     else:
-        scale_v, zero_v = scale_l.to(torch.float16), zero_l.to(torch.float16)
+        scale_v, zero_v = scale_l.to(scale_dtype or torch.float16), zero_l.to(torch.float16)
     return QuantizedWeight(
         qweight, scale_v, zero_v, scale2.to(torch.float16), (n, k), config, use_sinkhorn,
     )
-
-
-def quantized_layout(shape: tuple[int, int], config: QuantConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """Dtype and shape of every tensor :meth:`QuantizedWeight.to_state_dict` produces, by key suffix.
-
-    Lets a planner size the output before anything is quantized.
-    """
-    n, k = shape
-    g = config.group_size
-    groups = n * k // g
-    spec = packing.PACKINGS[config.bits]
-    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {"W_q": (spec.dtype, (packing.packed_rows(groups, config.bits), g))}
-    out["meta.scale2"] = (torch.float16, (1, k) if config.tiling == "1D" else (groups // g, 1, g))
-    if config.aux == "int8":
-        tile = aux8.scale_tile(groups)
-        out.update({
-            "meta.scale.x": (torch.uint8, (tile, groups // tile)),
-            "meta.scale.s": (torch.float32, (1, groups // tile)),
-            "meta.scale.m": (torch.float32, (1, groups // tile)),
-            "meta.zero.x": (torch.uint8, (groups, 1)),
-            "meta.zero.s": (torch.float32, (1, 1)),
-            "meta.zero.m": (torch.float32, (1, 1)),
-        })
-    else:
-        group_shape = (groups, 1) if config.tiling == "1D" else (groups // g, g, 1)
-        out.update({"meta.scale": (torch.float16, group_shape), "meta.zero": (torch.float16, group_shape)})
-    return out
 
 
 def relative_error(weight: Tensor, quantized: QuantizedWeight) -> float:

@@ -27,17 +27,22 @@ def codebook(name: str, device: torch.device | str = "cpu") -> Tensor:
     return torch.tensor(levels, dtype=torch.float32, device=device)
 
 
-def round_uniform(x: Tensor, max_code: int, *, zero_in_range: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def round_uniform(x: Tensor, max_code: int, *, zero_in_range: bool = False,
+                  scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric min/max round-to-nearest: returns (codes uint8, scale, zero) with x ~ (q - zero) * scale.
 
     ``zero_in_range`` widens each group's range to include 0, so that the zero is itself a code
     (0 <= zero <= max_code): formats that store the zero in as many bits as a code need that.
+    ``scale_dtype`` rounds the scale to the dtype it will be stored in before the codes are chosen,
+    so the codes are the nearest for the scale a loader will read (bfloat16 keeps 8 bits of it).
     """
     lo = x.amin(-1, keepdim=True)
     hi = x.amax(-1, keepdim=True)
     if zero_in_range:
         lo, hi = lo.clamp_max(0), hi.clamp_min(0)
     scale = (hi - lo).clamp_min(_MIN_RANGE) / max_code
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float()
     zero = -torch.round(lo / scale)
     codes = torch.round(x / scale + zero).clamp_(0, max_code).to(torch.uint8)
     return codes, scale, zero

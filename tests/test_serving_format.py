@@ -57,14 +57,20 @@ def _save(tmp: Path, family: str, seed: int = 0, **extra) -> tuple[Path, torch.n
     return src, model
 
 
-def _deq(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    q = quantize(w, **{**CONFIG.to_dict(), "aux": "fp16"}, backend="torch", column_scale=scale, zero_in_range=True)
+def _deq(w: torch.Tensor, scale: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    q = quantize(w, **{**CONFIG.to_dict(), "aux": "fp16"}, backend="torch", column_scale=scale, zero_in_range=True,
+                 scale_dtype=scale_dtype)
     return q.dequantize(torch.float32, apply_scale2=False) * scale[None, :]  # the scale itself, not its fp16 copy
 
 
-def in_memory_served(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with SINQ under the serving constraints applied in memory, nothing folded."""
+def in_memory_served(model: torch.nn.Module, scale_dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` with SINQ under the serving constraints applied in memory, nothing folded; group
+    scales in ``scale_dtype``, as the output stores them."""
     cfg = model.config
+
+    def deq(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return _deq(w, scale, scale_dtype)
+
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     with torch.no_grad():
         for layer in model.model.layers:
@@ -76,13 +82,13 @@ def in_memory_served(model: torch.nn.Module) -> torch.nn.Module:
             up_rows = mlp.up_proj.weight * s_d[:, None]
             s_a = shared_column_scale([at.q_proj.weight, at.k_proj.weight, v_rows], G)
             s_m = shared_column_scale([mlp.gate_proj.weight, up_rows], G)
-            at.q_proj.weight.copy_(_deq(at.q_proj.weight, s_a))
-            at.k_proj.weight.copy_(_deq(at.k_proj.weight, s_a))
-            at.v_proj.weight.copy_(_deq(v_rows, s_a) / s_vrows[:, None])
-            at.o_proj.weight.copy_(_deq(at.o_proj.weight, s_o))
-            mlp.gate_proj.weight.copy_(_deq(mlp.gate_proj.weight, s_m))
-            mlp.up_proj.weight.copy_(_deq(up_rows, s_m) / s_d[:, None])
-            mlp.down_proj.weight.copy_(_deq(mlp.down_proj.weight, s_d))
+            at.q_proj.weight.copy_(deq(at.q_proj.weight, s_a))
+            at.k_proj.weight.copy_(deq(at.k_proj.weight, s_a))
+            at.v_proj.weight.copy_(deq(v_rows, s_a) / s_vrows[:, None])
+            at.o_proj.weight.copy_(deq(at.o_proj.weight, s_o))
+            mlp.gate_proj.weight.copy_(deq(mlp.gate_proj.weight, s_m))
+            mlp.up_proj.weight.copy_(deq(up_rows, s_m) / s_d[:, None])
+            mlp.down_proj.weight.copy_(deq(mlp.down_proj.weight, s_d))
     return model
 
 
@@ -99,7 +105,8 @@ def test_output_computes_what_unfolded_sinq_computes_in_memory(tmp_path: Path, f
     ids = torch.randint(0, DIMS["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         float_logits = model(ids).logits
-        want = in_memory_served(model)(ids).logits
+        scale_dtype = read_dir_tensors(out)["model.layers.0.mlp.down_proj.weight_scale"].dtype
+        want = in_memory_served(model, scale_dtype)(ids).logits
         got = load_quantized(str(out))(ids).logits
     assert (got - want).abs().max() < 2e-4 * want.abs().max(), (got - want).abs().max()
     assert (want - float_logits).abs().max() > 1e-3  # it is quantized
@@ -236,3 +243,17 @@ def test_a_fused_group_quantized_in_part_is_refused(tmp_path: Path, capsys) -> N
     assert_cli_refuses(src, tmp_path / "out", capsys, "self_attn.v_proj would stay unquantized",
                        "q_proj/k_proj/v_proj", args=("--format", "compressed-tensors", "--group-size", "32",
                                                      "--exclude", r"layers\.1\.self_attn\.v_proj"))
+
+
+def test_codes_are_chosen_for_the_scale_as_stored() -> None:
+    """With bfloat16 scales, the codes are the nearest for the rounded scale a loader reads."""
+    from sinq_ops.compressed import from_compressed, to_compressed
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5))
+    config = QuantConfig(bits=8, group_size=64)
+    common = dict(**{**config.to_dict(), "aux": "fp16"}, backend="torch", column_scale=torch.ones(256), zero_in_range=True)
+    aware = quantize(w, **common, scale_dtype=torch.bfloat16)
+    stored = from_compressed(to_compressed(aware, torch.bfloat16), config).dequantize()
+    assert torch.equal(stored, aware.dequantize(apply_scale2=False))
+    naive = from_compressed(to_compressed(quantize(w, **common), torch.bfloat16), config).dequantize()
+    assert (w - stored).norm() < (w - naive).norm()

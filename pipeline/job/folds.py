@@ -52,11 +52,12 @@ class LayerFolds:
             if r.reader == name:
                 tied = " (tied across the query heads of each key/value head)" if r.heads else ""
                 return f"folded into {_kind(r.producer)} rows{tied}"
+        carried = "".join(f"; its rows carry {_kind(r.reader)}'s" for r in self.rows if r.producer == name)
         for s in self.shared:
             if name in s.readers:
                 others = ", ".join(_kind(n) for n in s.readers)
-                return f"shared by {others}, folded into {_kind(s.norm)}"
-        return "1 (no exact fold for this kind)"
+                return f"shared by {others}, folded into {_kind(s.norm)}{carried}"
+        return "1 (no exact fold for this kind)" + carried
 
 
 def _kind(name: str) -> str:

@@ -79,7 +79,7 @@ def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[
         scale_dtype = next(o.dtype for o in task.outputs if o.name.endswith(".weight_scale"))
         with _naming(task.name):
             q = quantize(w, **{**config.to_dict(), "aux": "fp16"}, backend="torch", column_scale=scale,
-                         zero_in_range=True)
+                         zero_in_range=True, scale_dtype=scale_dtype)
             outputs.update({f"{task.leaf}.{k}": v for k, v in to_compressed(q.to("cpu"), scale_dtype).items()})
         stat(task, w, q, time.perf_counter() - t0)
     return outputs
