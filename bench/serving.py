@@ -9,7 +9,7 @@ them); our SINQ layout through ``load_quantized``; our compressed-tensors output
 same way. vLLM's CPU kernel runs asymmetric weights at 4 bits only, so the 8-bit output is measured
 through ``load_quantized`` (on GPUs it is served by Machete).
 
-    bash dev.sh bench serving [--windows 24] [--ctx 2048] [--prompts 8] [--new-tokens 128]
+    bash dev.sh bench serving [--windows 24] [--ctx 2048] [--prompts 8] [--new-tokens 128] [--engine-dtype float32]
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--text", default=default_text())
+    ap.add_argument("--engine-dtype", default="float32", choices=("float32", "float16"),
+                    help="vLLM's dtype: a CPU without native float16 arithmetic (AVX2 only) runs float16 emulated, "
+                         "several times slower than float32 (default: %(default)s)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -106,12 +109,12 @@ def main() -> None:
         ppl[f"{label}, load_quantized"] = perplexity(load_quantized(str(out)), ids).ppl
         if bits == 4:
             with vllm_server(out, work / f"vllm-{method}.log", max_model_len=args.ctx + 8,
-                             kv_cache_bytes=512 << 20) as server:
+                             kv_cache_bytes=512 << 20, dtype=args.engine_dtype) as server:
                 ppl[f"{label}, served by vLLM CPU"] = engine_perplexity(Engine(server.url), ids).ppl
                 if method == "sinq":
                     speeds[label] = speed(server, prompts, args.new_tokens)
         print({k: round(v, 3) for k, v in ppl.items()}, flush=True)
-    with vllm_server(src, work / "vllm-source.log", max_model_len=args.ctx + 8, kv_cache_bytes=512 << 20) as server:
+    with vllm_server(src, work / "vllm-source.log", max_model_len=args.ctx + 8, kv_cache_bytes=512 << 20, dtype=args.engine_dtype) as server:
         ppl["fp16 source, served by vLLM CPU"] = engine_perplexity(Engine(server.url), ids).ppl
         speeds["fp16 source"] = speed(server, prompts, args.new_tokens)
 
@@ -123,7 +126,7 @@ def main() -> None:
         bits = name.split("-bit")[0]
         ref = ppl.get(f"{bits}-bit SINQ, reference")
         print(f"| {name} | {value:.3f} | {f'{value / ref:.4f}x' if ref and 'reference' not in name else ''} |")
-    print(f"\nServing on vLLM CPU (float16, {len(prompts)} prompts of 128 tokens, {args.new_tokens} new tokens each):\n")
+    print(f"\nServing on vLLM CPU ({args.engine_dtype}, {len(prompts)} prompts of 128 tokens, {args.new_tokens} new tokens each):\n")
     print("| model | tokens/s, one stream | tokens/s, all prompts at once | server memory (RSS) | int4 product |")
     print("|---|---|---|---|---|")
     for name, s in speeds.items():

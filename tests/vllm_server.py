@@ -112,13 +112,14 @@ class Server:
 
 @contextlib.contextmanager
 def vllm_server(model_dir: Path, log: Path, *, max_model_len: int = 512, kv_cache_bytes: int = 64 << 20,
-                tokenizer: bool = True, start_s: float = 300.0, extra: tuple[str, ...] = ()) -> Iterator[Server]:
+                tokenizer: bool = True, start_s: float = 300.0, dtype: str = "float16",
+                extra: tuple[str, ...] = ()) -> Iterator[Server]:
     """Serve ``model_dir`` (as model id ``str(model_dir)``) and yield it running; stops the server's
     whole process group on exit. Raises ``ServeUnavailable`` with the log's tail if it does not come up."""
     python = serve_python()
     port = _free_port()
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float16", "--max-model-len", str(max_model_len), "--enforce-eager",
+           "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), "--enforce-eager",
            "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(kv_cache_bytes),
            *(() if tokenizer else ("--skip-tokenizer-init",)), *extra]
     url = f"http://127.0.0.1:{port}"
