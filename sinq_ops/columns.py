@@ -20,14 +20,13 @@ from .config import KURTOSIS_GATE, SINKHORN_ITERS
 from .sinkhorn import kurtosis, sinkhorn_scales
 
 
-def shared_column_scale(weights: list[Tensor], group_size: int, *, gate_on: list[Tensor] | None = None) -> Tensor:
+def shared_column_scale(weights: list[Tensor], group_size: int) -> Tensor:
     """One column scale ``[in_features]`` for matrices ``[n_i, in_features]`` that read one input.
 
     Sinkhorn runs on the rows of all of them stacked, tile by tile as SINQ's 1D tiling runs on one
     matrix (every row, ``group_size`` columns a tile), so one matrix alone gets the column scale
-    ``sinq_ops.quantize`` would give it; the kurtosis gate looks at the stack (or at ``gate_on``: the
-    matrices as they were before a fold scaled some of their rows, which would make the stack look
-    heavy-tailed), and gives ones where it falls back to RTN.
+    ``sinq_ops.quantize`` would give it; the kurtosis gate looks at the stack, and gives ones where
+    it falls back to RTN.
     """
     if not weights:
         raise ValueError("no matrices to share a column scale")
@@ -39,8 +38,7 @@ def shared_column_scale(weights: list[Tensor], group_size: int, *, gate_on: list
     stacked = torch.cat([w.to(torch.float16).float() for w in weights])
     if not torch.isfinite(stacked).all():
         raise ValueError("weight contains NaN or Inf")
-    gated = torch.cat([w.to(torch.float16).float() for w in gate_on]) if gate_on is not None else stacked
-    if stacked.shape[0] < 2 or kurtosis(gated) > KURTOSIS_GATE:
+    if stacked.shape[0] < 2 or kurtosis(stacked) > KURTOSIS_GATE:
         return torch.ones(k, device=stacked.device)
     _, col = sinkhorn_scales(stacked.view(1, stacked.shape[0], k // group_size, group_size), SINKHORN_ITERS)
     return col.reshape(k)

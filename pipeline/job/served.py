@@ -43,7 +43,10 @@ def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[
     folds, g = unit.folds, config.group_size
     work = {name: t.to(device) for name, t in tensors.items()}
     column: dict[str, torch.Tensor] = {}
-    before = dict(work)  # the matrices before row folds: what a shared scale's kurtosis gate looks at
+    # The matrices before row folds: a shared scale is computed from them. Scaling a matrix's rows changes
+    # none of its codes in 1D tiling (each group lies in one row), but a row-scaled stack looks heavy-tailed
+    # to the kurtosis gate and steers Sinkhorn's column scale toward the rows scaled up.
+    before = dict(work)
     for r in folds.rows:
         w = work[r.reader]
         with _naming(r.reader):
@@ -59,7 +62,7 @@ def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[
             work[bias] = work[bias].float() * rows
     for s in folds.shared:
         with _naming(" and ".join(s.readers)):
-            scale = shared_column_scale([work[n] for n in s.readers], g, gate_on=[before[n] for n in s.readers])
+            scale = shared_column_scale([before[n] for n in s.readers], g)
         for n in s.readers:
             column[n] = scale
         work[s.norm] = fold_into_norm(work[s.norm], scale, one_plus=s.one_plus)
