@@ -226,7 +226,8 @@ def test_a_complete_output_of_another_model_is_kept_unless_overwrite(good: Path,
     assert cli.main(["--model", str(good), "--out", str(out), "--workers", "1"]) == 0
     before = (out / MANIFEST_NAME).read_bytes()
     assert cli.main(["--model", str(good), "--out", str(out), "--bits", "3", "--workers", "1"]) == 1
-    assert "already holds a complete output of another job (model, config, tensor selection or tool version); pass --overwrite" in capsys.readouterr().err
+    assert ("already holds a complete output of another job (model, config, output format, tensor selection or tool "
+            "version); pass --overwrite") in capsys.readouterr().err
     assert (out / MANIFEST_NAME).read_bytes() == before
     assert cli.main(["--model", str(good), "--out", str(out), "--workers", "1"]) == 0
     assert "nothing to do" in capsys.readouterr().out
