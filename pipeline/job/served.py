@@ -66,6 +66,7 @@ def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[
         for n in s.readers:
             column[n] = scale
         work[s.norm] = fold_into_norm(work[s.norm], scale, one_plus=s.one_plus)
+    del before  # else every original producer stays held while the layer's matrices are quantized one by one
 
     outputs: dict[str, torch.Tensor] = {}
     for task in unit.tasks:
