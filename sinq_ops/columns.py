@@ -6,7 +6,8 @@ into whatever produces the matrix's input: ``W x = deq(W) (c * x)``. That is exa
 every matrix reading one input uses the same ``c`` (q, k and v read one normed input; gate and up
 another), and, for an attention output projection, when ``c`` repeats for the query heads that
 read one key/value head (it then moves into ``v_proj``'s rows). These functions compute such a
-scale the way SINQ computes one: Sinkhorn over all the rows that will share it.
+scale the way SINQ computes one, by Sinkhorn over the rows of the matrices it is computed from;
+which matrices those are is the caller's choice (``pipeline.job.folds``).
 """
 
 from __future__ import annotations

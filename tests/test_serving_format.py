@@ -80,8 +80,8 @@ def in_memory_served(model: torch.nn.Module, scale_dtype: torch.dtype) -> torch.
             s_d = shared_column_scale([mlp.down_proj.weight], G)
             v_rows = at.v_proj.weight * s_vrows[:, None]
             up_rows = mlp.up_proj.weight * s_d[:, None]
-            s_a = shared_column_scale([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight], G)
-            s_m = shared_column_scale([mlp.gate_proj.weight, mlp.up_proj.weight], G)
+            s_a = shared_column_scale([at.v_proj.weight], G)  # the lead readers' own scales
+            s_m = shared_column_scale([mlp.up_proj.weight], G)
             at.q_proj.weight.copy_(deq(at.q_proj.weight, s_a))
             at.k_proj.weight.copy_(deq(at.k_proj.weight, s_a))
             at.v_proj.weight.copy_(deq(v_rows, s_a) / s_vrows[:, None])

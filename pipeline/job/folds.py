@@ -17,10 +17,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SharedInput:
-    """Quantized matrices that read one normed input: one column scale for all, folded into the norm."""
+    """Quantized matrices that read one normed input: one column scale for all, folded into the norm.
+
+    The scale is SINQ's for ``lead`` alone, the reader whose output reaches the residual stream
+    linearly (``v_proj`` through attention's weighted sum, ``up_proj`` through the product with the
+    activated gate). ``q_proj``/``k_proj`` feed a softmax and ``gate_proj`` an activation, which
+    tolerate their own errors better; a scale computed over all readers stacked serves the linear
+    one worse. On SmolLM2-135M at 4 bits, group 64, WikiText-2 (8 x 2048 tokens): the stacked scale
+    gives 21.26, the leads' 20.71, per-matrix scales (which do not fold) 20.91.
+    """
 
     norm: str  # the norm's weight (a copied tensor)
     readers: tuple[str, ...]  # quantized weights reading the norm's output
+    lead: str  # the reader whose own column scale all of them take
     one_plus: bool = False  # the norm computes x * (1 + w)
 
 
@@ -37,8 +46,8 @@ class RowFold:
 
 @dataclass(frozen=True)
 class LayerFolds:
-    """Every fold of one unit, in the order they are applied: row folds first, since a producer's
-    scaled rows are what its shared column scale is computed from."""
+    """Every fold of one unit. Shared scales are computed before any row fold changes their lead
+    (``pipeline.job.served``)."""
 
     rows: tuple[RowFold, ...] = ()
     shared: tuple[SharedInput, ...] = ()
@@ -56,7 +65,7 @@ class LayerFolds:
         for s in self.shared:
             if name in s.readers:
                 others = ", ".join(_kind(n) for n in s.readers)
-                return f"shared by {others}, folded into {_kind(s.norm)}{carried}"
+                return f"{_kind(s.lead)}'s, shared by {others}, folded into {_kind(s.norm)}{carried}"
         return "1 (no exact fold for this kind)" + carried
 
 
@@ -115,10 +124,10 @@ def layer_folds(block: str, names: dict[str, bool], model_config: dict, method: 
     down, up, gate = f"{mlp}down_proj.weight", f"{mlp}up_proj.weight", f"{mlp}gate_proj.weight"
     if quantized(down, up):
         rows.append(RowFold(down, up))
-    for norm, readers in ((f"{p}{recipe.attention_norm}.weight", tuple(f"{att}{x}_proj.weight" for x in "qkv")),
-                          (f"{p}{recipe.mlp_norm}.weight", (gate, up))):
+    for norm, readers, lead in ((f"{p}{recipe.attention_norm}.weight", tuple(f"{att}{x}_proj.weight" for x in "qkv"), v),
+                                (f"{p}{recipe.mlp_norm}.weight", (gate, up), up)):
         if names.get(norm) is False and quantized(*readers):
-            shared.append(SharedInput(norm, readers, recipe.one_plus))
+            shared.append(SharedInput(norm, readers, lead, recipe.one_plus))
     return LayerFolds(tuple(rows), tuple(shared))
 
 

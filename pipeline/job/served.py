@@ -43,10 +43,15 @@ def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[
     folds, g = unit.folds, config.group_size
     work = {name: t.to(device) for name, t in tensors.items()}
     column: dict[str, torch.Tensor] = {}
-    # The matrices before row folds: a shared scale is computed from them. Scaling a matrix's rows changes
-    # none of its codes in 1D tiling (each group lies in one row), but a row-scaled stack looks heavy-tailed
-    # to the kurtosis gate and steers Sinkhorn's column scale toward the rows scaled up.
-    before = dict(work)
+    # Shared scales first, from the matrices as they came: scaling a matrix's rows (the row folds below)
+    # changes none of its codes in 1D tiling (each group lies in one row), but a row-scaled lead can look
+    # heavy-tailed to the kurtosis gate and steers Sinkhorn's column scale toward the rows scaled up.
+    for s in folds.shared:
+        with _naming(s.lead):
+            scale = shared_column_scale([work[s.lead]], g)
+        for n in s.readers:
+            column[n] = scale
+        work[s.norm] = fold_into_norm(work[s.norm], scale, one_plus=s.one_plus)
     for r in folds.rows:
         w = work[r.reader]
         with _naming(r.reader):
@@ -60,13 +65,6 @@ def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[
         bias = r.producer.removesuffix(".weight") + ".bias"
         if bias in work:
             work[bias] = work[bias].float() * rows
-    for s in folds.shared:
-        with _naming(" and ".join(s.readers)):
-            scale = shared_column_scale([before[n] for n in s.readers], g)
-        for n in s.readers:
-            column[n] = scale
-        work[s.norm] = fold_into_norm(work[s.norm], scale, one_plus=s.one_plus)
-    del before  # else every original producer stays held while the layer's matrices are quantized one by one
 
     outputs: dict[str, torch.Tensor] = {}
     for task in unit.tasks:
