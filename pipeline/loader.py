@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sinq_ops import QuantConfig, QuantizedWeight
-from sinq_ops.compressed import from_compressed
+from sinq_ops.compressed import cat_rows, from_compressed
 
 from .architecture import empty_model, model_layout
 from .job.formats import pair_scales, source_format
@@ -92,13 +92,27 @@ def load_quantized(
         leaf = quantized_leaf(n)
         if leaf != n and leaf in sidecar:
             of_leaf.setdefault(leaf, []).append(n)
+    stacked: dict[str, list[tuple[int, dict[str, torch.Tensor]]]] = {}  # an expert's matrix: its row blocks
     for leaf, entry in sidecar.items():
         names = of_leaf.get(leaf, [])
-        weights[leaf] = _weight(leaf, {n: read(n) for n in names}, entry["meta"])
+        meta = entry["meta"]
+        if "of" in meta:  # one of an expert's checkpoint tensors in compressed-tensors: stacked back below
+            stacked.setdefault(meta["of"], []).append((int(meta["rows"][0]), {n[len(leaf) + 1:]: read(n) for n in names}))
+            claimed.update(names)
+            continue
+        weights[leaf] = _weight(leaf, {n: read(n) for n in names}, meta)
         claimed.update(names)
         if f"{leaf}.bias" in weight_map:
             biases[leaf] = read(f"{leaf}.bias")
             claimed.add(f"{leaf}.bias")
+    for leaf, blocks in stacked.items():
+        meta = next(e["meta"] for e in sidecar.values() if e["meta"].get("of") == leaf)
+        try:
+            whole = cat_rows([t for _, t in sorted(blocks, key=lambda b: b[0])], int(meta["nbits"]))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{leaf}: its checkpoint tensors do not stack: {exc}") from None
+        weights[leaf] = _weight(leaf, {f"{leaf}.{k}": v for k, v in whole.items()},
+                                {**meta, "shape": [int(d) for d in whole["weight_shape"].tolist()]})
     for name in sorted(set(weight_map) - claimed):
         _set_tensor(model, name, read(name), dtype)
     try:

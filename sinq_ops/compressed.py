@@ -101,3 +101,20 @@ def from_compressed(tensors: dict[str, Tensor], config: QuantConfig) -> Quantize
     qweight = packing.pack(codes.reshape(-1, g), config.bits)
     return QuantizedWeight(qweight, tensors["weight_scale"].reshape(-1, 1), zero.reshape(-1, 1).to(torch.float16),
                            torch.ones(1, k, dtype=torch.float16), (n, k), config)
+
+
+def cat_rows(parts: list[dict[str, Tensor]], bits: int) -> dict[str, Tensor]:
+    """The ``pack-quantized`` tensors (by suffix) of the matrix whose row blocks ``parts`` hold, in
+    order: a checkpoint's per-expert gate and up projections as the one matrix a model stacks them in.
+    Codes are packed along the input axis, so their rows join as they are; zeros are packed along
+    the output axis, so they are unpacked first."""
+    shapes = [[int(d) for d in p["weight_shape"].tolist()] for p in parts]
+    if len({k for _, k in shapes}) != 1:
+        raise ValueError(f"row blocks of one matrix need one in_features: {shapes}")
+    zeros = [unpack_int32(p["weight_zero_point"], bits, 0, n) for p, (n, _) in zip(parts, shapes)]
+    return {
+        "weight_packed": torch.cat([p["weight_packed"] for p in parts]),
+        "weight_scale": torch.cat([p["weight_scale"] for p in parts]),
+        "weight_zero_point": pack_int32(torch.cat(zeros), bits, 0),
+        "weight_shape": torch.tensor([sum(n for n, _ in shapes), shapes[0][1]], dtype=torch.int64),
+    }

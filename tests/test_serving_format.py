@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
-                          GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, Qwen2Config,
+                          GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StableLmConfig, StableLmForCausalLM)
 
 from pipeline.job.options import JobOptions
@@ -66,30 +65,37 @@ def _deq(w: torch.Tensor, scale: torch.Tensor, scale_dtype: torch.dtype = torch.
 def in_memory_served(model: torch.nn.Module, scale_dtype: torch.dtype) -> torch.nn.Module:
     """``model`` with SINQ under the serving constraints applied in memory, nothing folded; group
     scales in ``scale_dtype``, as the output stores them."""
-    cfg = model.config
-
-    def deq(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return _deq(w, scale, scale_dtype)
-
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     with torch.no_grad():
         for layer in model.model.layers:
-            at, mlp = layer.self_attn, layer.mlp
-            s_o = tied_column_scale(at.o_proj.weight, G, heads=heads, kv_heads=kv)
-            s_vrows = heads_scale_to_kv(s_o, heads=heads, kv_heads=kv)
-            s_d = shared_column_scale([mlp.down_proj.weight], G)
-            v_rows = at.v_proj.weight * s_vrows[:, None]
-            up_rows = mlp.up_proj.weight * s_d[:, None]
-            s_a = shared_column_scale([at.v_proj.weight], G)  # the lead readers' own scales
-            s_m = shared_column_scale([mlp.up_proj.weight], G)
-            at.q_proj.weight.copy_(deq(at.q_proj.weight, s_a))
-            at.k_proj.weight.copy_(deq(at.k_proj.weight, s_a))
-            at.v_proj.weight.copy_(deq(v_rows, s_a) / s_vrows[:, None])
-            at.o_proj.weight.copy_(deq(at.o_proj.weight, s_o))
-            mlp.gate_proj.weight.copy_(deq(mlp.gate_proj.weight, s_m))
-            mlp.up_proj.weight.copy_(deq(up_rows, s_m) / s_d[:, None])
-            mlp.down_proj.weight.copy_(deq(mlp.down_proj.weight, s_d))
+            attention_served(layer.self_attn, model.config, scale_dtype)
+            mlp_served(layer.mlp, scale_dtype)
     return model
+
+
+def attention_served(at: torch.nn.Module, cfg, scale_dtype: torch.dtype) -> torch.Tensor:
+    """q/k/v/o of one layer replaced in memory: o's scale tied per KV head (v's rows carry it), q/k/v
+    taking v's own scale. Returns that shared scale."""
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    s_o = tied_column_scale(at.o_proj.weight, G, heads=heads, kv_heads=kv)
+    s_vrows = heads_scale_to_kv(s_o, heads=heads, kv_heads=kv)
+    s_a = shared_column_scale([at.v_proj.weight], G)  # the lead reader's own scale
+    v_rows = at.v_proj.weight * s_vrows[:, None]
+    at.q_proj.weight.copy_(_deq(at.q_proj.weight, s_a, scale_dtype))
+    at.k_proj.weight.copy_(_deq(at.k_proj.weight, s_a, scale_dtype))
+    at.v_proj.weight.copy_(_deq(v_rows, s_a, scale_dtype) / s_vrows[:, None])
+    at.o_proj.weight.copy_(_deq(at.o_proj.weight, s_o, scale_dtype))
+    return s_a
+
+
+def mlp_served(mlp: torch.nn.Module, scale_dtype: torch.dtype, scale: torch.Tensor | None = None) -> None:
+    """A SwiGLU MLP replaced in memory: down's own scale carried by up's rows, gate/up taking up's own
+    scale (or ``scale``, shared with other readers of the same input)."""
+    s_d = shared_column_scale([mlp.down_proj.weight], G)
+    s_m = shared_column_scale([mlp.up_proj.weight], G) if scale is None else scale
+    up_rows = mlp.up_proj.weight * s_d[:, None]
+    mlp.gate_proj.weight.copy_(_deq(mlp.gate_proj.weight, s_m, scale_dtype))
+    mlp.up_proj.weight.copy_(_deq(up_rows, s_m, scale_dtype) / s_d[:, None])
+    mlp.down_proj.weight.copy_(_deq(mlp.down_proj.weight, s_d, scale_dtype))
 
 
 def _quantize(src: Path, out: Path, **opts) -> dict:
@@ -171,14 +177,6 @@ def test_unservable_settings_are_refused_before_any_work(tmp_path: Path, capsys,
     src.mkdir()
     assert_cli_refuses(src, tmp_path / "out", capsys, "--format compressed-tensors cannot hold", expected,
                        args=("--format", "compressed-tensors", *args))
-
-
-def test_experts_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
-    src, _ = _save(tmp_path, "mixtral", classes=(MixtralConfig, MixtralForCausalLM, {}), num_local_experts=4,
-                   num_experts_per_tok=2)
-    capsys.readouterr()
-    assert_cli_refuses(src, tmp_path / "out", capsys, "writes Linear layers only", "experts", "--format sinq",
-                       args=("--format", "compressed-tensors", "--group-size", "32"))
 
 
 def test_a_family_without_a_known_fold_keeps_column_scales_of_one(tmp_path: Path, caplog) -> None:

@@ -21,6 +21,7 @@ from ..output.layout import CARD_NAME
 from ..sources import Source
 from .folds import LayerFolds, layer_folds, recipe_for, unfused
 from .formats import FormatError, pair_scales, source_format
+from .expert_parts import expert_parts
 from .mapping import MappingError, Piece, SourceGroup, expert_piece, source_groups
 from .planned import (DEFAULT_WORKER_MEMORY, column_scale_placements, LAYER_PATTERN, KindSummary, Plan, TensorTask, Unit, held_bytes,
                       memory_of, peak_bytes)
@@ -180,22 +181,36 @@ def make_plan(
         raise PlanError(undivided[0][1])
 
     if served:
-        odd = next((n for n in sorted(quantized) if n not in layout.linear_weights), None)
+        odd = next((n for n in sorted(quantized) if n in layout.conv1d_weights), None)
         if odd is not None:
-            raise PlanError(f"{source.spec}: --format compressed-tensors writes Linear layers only, and {odd} is "
-                            f"{'an experts tensor' if odd in layout.expert_weights else 'a Conv1D'}; use --format sinq, "
-                            f"or leave it unquantized with --exclude '{re.escape(odd)}'")
+            raise PlanError(f"{source.spec}: --format compressed-tensors writes Linear layers and experts only, and "
+                            f"{odd} is a Conv1D; use --format sinq, or leave it unquantized with --exclude "
+                            f"'{re.escape(odd)}'")
         scale_dtype = DTYPES[_float_dtype(model_config)]
+    proven: dict[tuple, bool] = {}  # conversions shown to stack an expert's checkpoint tensors as row blocks
 
     def out_layout(shape: tuple[int, int]) -> dict:
         return compressed_layout(shape, config, scale_dtype) if served else quantized_layout(shape, config)
 
     def quantized_task(name: str, leaf: str, pieces: tuple[Piece, ...], transpose: bool, expert: int | None,
-                       conversion: Conversion | None, dtype: str) -> TensorTask:
+                       conversion: Conversion | None, dtype: str, parts: tuple[tuple[str, int], ...] = ()) -> TensorTask:
         shape = quantized[name]
         stored = (shape[1], shape[0]) if transpose else shape
-        outputs = tuple(PlannedTensor(f"{leaf}.{suffix}", dt, shp) for suffix, (dt, shp) in out_layout(shape).items())
-        return TensorTask(name, pieces, dtype, stored, True, outputs, leaf, transpose, expert, conversion=conversion)
+        outputs = tuple(PlannedTensor(f"{part}.{suffix}", dt, shp) for part, rows in parts or ((leaf, shape[0]),)
+                        for suffix, (dt, shp) in out_layout((rows, shape[1])).items())
+        return TensorTask(name, pieces, dtype, stored, True, outputs, leaf, transpose, expert, conversion=conversion,
+                          parts=parts)
+
+    def parts_of(sg: SourceGroup, name: str, expert: int, transposed: bool) -> tuple[tuple[str, int], ...]:
+        """A compressed-tensors expert's matrix as the checkpoint's per-expert tensors (``expert_parts``)."""
+        if not served:
+            return ()
+        try:
+            return expert_parts(sg, name, expert, transposed, proven)
+        except ValueError as exc:
+            raise PlanError(f"{source.spec}/{sg.ordered()[0].file}: --format compressed-tensors writes experts by "
+                            f"their checkpoint tensors, and {exc}; use --format sinq, or leave them unquantized with "
+                            f"--exclude '{re.escape(name)}'") from None
 
     def copied(name: str, pieces: tuple[Piece, ...], first: Piece, conversion: Conversion | None) -> TensorTask:
         shape = layout.shapes[name]
@@ -214,13 +229,15 @@ def make_plan(
             for e in range(count):
                 conversion, mine = group.expert_conversion(e), sg.expert(e, count)
                 for name, transposed in targets:
-                    tasks.append(quantized_task(name, f"{name}.{e}", mine, transposed, e, conversion, dtype))
+                    tasks.append(quantized_task(name, f"{name}.{e}", mine, transposed, e, conversion, dtype,
+                                                parts_of(sg, name, e, transposed)))
                     mine = ()
             return tasks
         held = pieces
         for name in sorted(group.targets):
             if name in quantized and name in layout.expert_weights:
                 ew = layout.expert_weights[name]
+                parts_of(sg, name, 0, ew.transposed)  # refuses a stacked checkpoint tensor
                 for e in range(ew.experts):
                     mine = held if group.conversion else (expert_piece(first, ew.experts, e),)
                     tasks.append(quantized_task(name, f"{name}.{e}", mine, ew.transposed, e, group.conversion, dtype))
@@ -265,15 +282,16 @@ def make_plan(
         grouped.append(("(model buffers)", [[_generated(n, b) for n, b in sorted(buffers.items())]]))
     for block in blocks:
         if LAYER_PATTERN.match(block + ".") is not None:
-            grouped.append((block, _split(source, block, tasks_of[block], worker_memory)))
+            # A compressed-tensors layer is never split: its experts' gate/up share one column scale.
+            grouped.append((block, [tasks_of[block]] if served else _split(source, block, tasks_of[block], worker_memory)))
     units: list[Unit] = []
     for block, parts in grouped:
         for tasks in parts:
             folds = None
             if served and any(t.quantize for t in tasks):  # a tower's layers (--include-towers) get no recipe
-                names = {t.name: t.quantize for t in tasks}
-                folds = layer_folds(block, names, model_config, config.method) if block.startswith(decoder) \
-                    else LayerFolds(rtn=config.method == "rtn")
+                names = {t.key: t.quantize for t in tasks}
+                folds = layer_folds(block, names, model_config, config.method, {t.key: t.parts for t in tasks}) \
+                    if block.startswith(decoder) else LayerFolds(rtn=config.method == "rtn")
                 split = unfused(block, names)
                 if split:
                     raise PlanError(f"{source.spec}: {split}")
@@ -298,10 +316,13 @@ def make_plan(
 
     quantized_tasks = [t for u in units for t in u.tasks if t.quantize]
     quantized = {t.name for t in quantized_tasks}
-    not_converted = sorted(
-        {n.removesuffix(".weight") for n in filled if n.removesuffix(".weight") in layout.linear_modules
-         and n not in quantized} | {"lm_head"}
-    )
+    not_converted = {n.removesuffix(".weight") for n in filled if n.removesuffix(".weight") in layout.linear_modules
+                     and n not in quantized} | {"lm_head"}
+    if served:  # a router is a Linear to serving engines (vLLM's GateLinear takes the quantization config)
+        not_converted |= {n.removesuffix(".weight") for n in filled if n.endswith(".weight") and n not in quantized
+                          and LAYER_PATTERN.match(n) and len(layout.shapes[n]) == 2
+                          and not re.search("Norm|Embedding", layout.kinds[n])}
+    not_converted = sorted(not_converted)
     notes = []
     if skipped:
         notes.append(f"skipped       {len(skipped)} tensors that {layout.class_name} drops on load too "

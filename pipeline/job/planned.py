@@ -50,6 +50,14 @@ class TensorTask:
     # transformers' conversion that makes this tensor from the pieces (every task it makes shares it; the
     # first of them in the unit holds the pieces, converted once for all)
     conversion: Conversion | None = None
+    # compressed-tensors: an expert's matrix written as the checkpoint's own per-expert tensors, each a
+    # block of its rows ((leaf, rows) in order), the names serving engines load experts by
+    parts: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The task's name within its unit: an expert's matrix is its leaf (the parameter and the expert)."""
+        return self.name if self.expert is None else self.leaf
 
     @property
     def file(self) -> str:
@@ -258,7 +266,7 @@ def column_scale_placements(units: list[Unit]) -> dict[str, str]:
         for t in u.tasks:
             if t.quantize:
                 kind = t.name[len(u.block) + 1:] if t.name.startswith(u.block + ".") else t.name
-                found.setdefault(kind.removesuffix(".weight"), set()).add(u.folds.placement(t.name))
+                found.setdefault(kind.removesuffix(".weight"), set()).add(u.folds.placement(t.key))
     return {kind: "; ".join(sorted(where)) for kind, where in sorted(found.items())}
 
 

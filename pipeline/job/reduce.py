@@ -43,7 +43,13 @@ def check_plan(plan: Plan, leaves: dict[str, tuple[int, int]] | None = None) -> 
     names = [o.name for u in plan.units for o in u.outputs]
     if leaves is None:
         leaves = {t.leaf: (t.shape[1], t.shape[0]) if t.transpose else t.shape for t in plan.quantized}
-    problem = output_problem(plan.model_config, names, list(leaves), plan.unwritten_buffers, quantized_leaf)
+    part_of = {part: t.leaf for t in plan.quantized for part, _ in t.parts}  # an expert's checkpoint tensors
+
+    def leaf_of(name: str) -> str:
+        leaf = quantized_leaf(name)
+        return part_of.get(leaf, leaf)
+
+    problem = output_problem(plan.model_config, names, list(leaves), plan.unwritten_buffers, leaf_of)
     if problem is not None:
         raise UnloadableOutput(f"{plan.source.spec}: the output would not load, so it is not committed: {problem}")
     check = check_forward(plan.model_config, leaves, plan.config)
@@ -51,6 +57,18 @@ def check_plan(plan: Plan, leaves: dict[str, tuple[int, int]] | None = None) -> 
         raise UnloadableOutput(f"{plan.source.spec}: the output's forward pass fails in {check.problem} (on "
                                f"{check.how}), so it is not committed")
     return check
+
+
+def model_leaves(entries) -> dict[str, tuple[int, int]]:
+    """The model's quantized leaves and their [out, in] from sidecar entries ``(leaf, meta)``: an
+    expert's checkpoint tensors (``of`` a stacked parameter's expert, ``rows`` of it) as that matrix."""
+    leaves: dict[str, tuple[int, int]] = {}
+    for leaf, meta in entries:
+        n, k = meta["shape"]
+        if "of" in meta:
+            leaf, n = meta["of"], max(meta["rows"][1], leaves.get(meta["of"], (0, 0))[0])
+        leaves[leaf] = (n, k)
+    return leaves
 
 
 class Assembler:
@@ -201,7 +219,7 @@ class Assembler:
             raise RuntimeError(f"cannot finish: {len(missing)} units not done (first: {missing[:1]})")
         names = plan.shard_names
         weight_map = {o.name: names[s] for s, units in enumerate(plan.shards) for u in units for o in plan.units[u].outputs}
-        leaves = {leaf: tuple(meta["shape"]) for u in plan.units for leaf, meta in self.results[u.index].sidecar.items()}
+        leaves = model_leaves(meta for u in plan.units for meta in self.results[u.index].sidecar.items())
         if sorted(leaves) != self.planned_leaves:  # the driver checked the planned ones (check_plan)
             check_plan(plan, leaves)
         self._put_json(INDEX_NAME, {

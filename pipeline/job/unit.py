@@ -247,16 +247,19 @@ def _quantize_served(source: Source, unit: Unit, config: QuantConfig, device: st
     tensors: dict[str, torch.Tensor] = {}
     for task, tensor, seconds in _assembled(source, unit, raw):
         read_s += seconds
-        tensors[task.name] = tensor.t().contiguous() if task.quantize and task.transpose else tensor
+        tensors[task.key] = tensor.t().contiguous() if task.quantize and task.transpose else tensor
     sidecar: dict[str, dict] = {}
     stats: list[TensorStats] = []
 
-    def stat(task: TensorTask, w: torch.Tensor, q, seconds: float) -> None:
-        sidecar[task.leaf] = {"format": "pack-quantized", "nbits": config.bits, "group_size": config.group_size,
-                              "shape": list(w.shape), "method": config.method,
-                              "column_scale": unit.folds.placement(task.name)}
-        stats.append(TensorStats(task.name, list(w.shape), config.bits, relative_error(w, q), seconds,
-                                 q.sinkhorn_applied))
+    def stat(task: TensorTask, leaf: str, w: torch.Tensor, q, seconds: float) -> None:
+        sidecar[leaf] = {"format": "pack-quantized", "nbits": config.bits, "group_size": config.group_size,
+                         "shape": list(w.shape), "method": config.method,
+                         "column_scale": unit.folds.placement(task.key)}
+        if task.parts:  # a row block of an expert's matrix: which one, so that loaders stack them back
+            start = sum(n for p, n in task.parts[:[p for p, _ in task.parts].index(leaf)])
+            sidecar[leaf].update({"of": task.leaf, "rows": [start, start + w.shape[0]]})
+        stats.append(TensorStats(task.name if task.expert is None else leaf, list(w.shape), config.bits,
+                                 relative_error(w, q), seconds, q.sinkhorn_applied))
 
     t0 = time.perf_counter()
     try:
