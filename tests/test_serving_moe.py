@@ -17,10 +17,12 @@ import torch
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 import moe_models
+from pipeline.job.reduce import model_leaves
 from pipeline.loader import load_quantized
+from pipeline.output.layout import SIDECAR_NAME
 from pipeline_checks import assert_cli_refuses, read_dir_tensors
 from sinq_ops.columns import shared_column_scale
-from test_serving_format import CONFIG, G, _deq, _quantize, attention_served, mlp_served
+from test_serving_format import CONFIG, FAMILIES, G, _deq, _quantize, attention_served, mlp_served
 
 
 def _qwen2_moe(out: Path) -> tuple[Path, torch.nn.Module]:
@@ -115,21 +117,32 @@ def test_qwen3_moe_output_computes_the_in_memory_quantization(tmp_path: Path) ->
 
 
 def test_a_family_without_a_recipe_writes_its_experts_with_column_scales_of_one(tmp_path: Path) -> None:
-    # Mixtral's checkpoint names its experts w1/w3 (gate/up) and w2 (down): written under those names.
-    src = moe_models.save("mixtral", tmp_path / "src")
+    # Qwen3-Next's linear-attention layers have no fold recipe: every matrix, experts too, takes ones.
+    src = moe_models.save("qwen3_next", tmp_path / "src")
     out = tmp_path / "out"
     manifest = _quantize(src, out)
     tensors = read_dir_tensors(out)
-    assert "model.layers.0.block_sparse_moe.experts.2.w3.weight_packed" in tensors or \
-        "model.layers.0.mlp.experts.2.w3.weight_packed" in tensors, sorted(tensors)[:20]
+    expert = "model.layers.0.mlp.experts.2"
+    assert {k.rsplit(".", 1)[0] for k in tensors if k.startswith(expert)} == {f"{expert}.{w}" for w in
+                                                                            ("gate_proj", "up_proj", "down_proj")}
     assert set(manifest["structure"]["column_scales"].values()) == {"1 (no exact fold for this kind)"}
-    model, want = moe_models.build("mixtral"), moe_models.build("mixtral")
+    sidecar = json.loads((out / SIDECAR_NAME).read_text())
+    model, want = moe_models.build("qwen3_next"), moe_models.build("qwen3_next")
     with torch.no_grad():
-        for name, p in want.named_parameters():
-            if ".layers." in name and p.dim() >= 2 and "norm" not in name and not name.endswith("gate.weight"):
-                for m in p.view(-1, *p.shape[-2:]):
-                    m.copy_(_deq(m, torch.ones(m.shape[1]), torch.float32))
+        for leaf in model_leaves((k, v["meta"]) for k, v in sidecar.items()):
+            param, _, number = leaf.rpartition(".")
+            m = want.get_parameter(param)[int(number)] if number.isdigit() else want.get_parameter(f"{leaf}.weight")
+            m.copy_(_deq(m, torch.ones(m.shape[1]), torch.float32))
     _logits_match(model, out, want)
+
+
+def test_experts_the_checkpoint_names_outside_the_models_module_are_refused(tmp_path: Path, capsys) -> None:
+    # Mixtral's checkpoint holds its experts in block_sparse_moe, transformers' model in mlp: an output
+    # naming its experts one way and its router the other would load nowhere.
+    src = moe_models.save("mixtral", tmp_path / "src")
+    capsys.readouterr()
+    assert_cli_refuses(src, tmp_path / "out", capsys, "block_sparse_moe", "outside the model's", "--format sinq",
+                       args=("--format", "compressed-tensors", "--group-size", str(CONFIG.group_size)))
 
 
 def test_experts_stacked_in_the_checkpoint_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
@@ -137,3 +150,10 @@ def test_experts_stacked_in_the_checkpoint_are_refused_in_one_line(tmp_path: Pat
     capsys.readouterr()
     assert_cli_refuses(src, tmp_path / "out", capsys, "stores it stacked", "--format sinq",
                        args=("--format", "compressed-tensors", "--group-size", str(CONFIG.group_size)))
+
+
+def test_every_family_with_a_fold_recipe_is_checked() -> None:
+    from pipeline.job.folds import RECIPES
+
+    # dense families in test_serving_format, the two mixtures above
+    assert set(RECIPES) <= set(FAMILIES) | {"qwen2_moe", "qwen3_moe"}

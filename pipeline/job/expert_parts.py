@@ -30,6 +30,11 @@ def expert_parts(sg: SourceGroup, target: str, expert: int, transposed: bool,
     if len(group.targets) != 1:
         raise ValueError(f"{target}: its conversion makes {len(group.targets)} tensors at once")
     keys = [keys[expert] if len(keys) > expert else keys[0] for _, keys in group.sources]
+    module = target.rpartition(".")[0]
+    renamed = next((k for k in keys if not k.startswith(f"{module}.")), None)
+    if renamed is not None:  # the output's other tensors go by the model's names: one naming for both
+        raise ValueError(f"{target}: the checkpoint names it {renamed} outside the model's {module}, and an output "
+                         "written by both namings would load in no serving engine")
     pieces = [sg.pieces[k] for k in keys]
     if any(is_stacked(p) or len(p.info.shape) != 2 for p in pieces):
         raise ValueError(f"{target}: the checkpoint stores it stacked ({keys[0]}), with no per-expert tensor to "
