@@ -90,6 +90,8 @@ def test_qwen2_moe_experts_shared_expert_and_router_fold(tmp_path: Path) -> None
     assert placed["mlp.experts.down_proj"] == "folded into mlp.experts.gate_up_proj (its up rows) rows"
     assert placed["mlp.experts.gate_up_proj"].startswith("mlp.experts.gate_up_proj up rows and mlp.shared_expert.up_proj's")
     assert "mlp.gate divided by it" in placed["mlp.shared_expert.gate_proj"]
+    card = (out / "README.md").read_text()
+    assert "per-expert names" in card and "transformers reads it too" not in card
 
     source = read_dir_tensors(src)
     want = _qwen2_moe(tmp_path / "again")[1]

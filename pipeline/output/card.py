@@ -289,6 +289,7 @@ def serving_lines(manifest: dict) -> list[str]:
     """How to serve a compressed-tensors output, with which kernels, and where its column scales went."""
     bits = manifest["quantization"]["bits"]
     placed = manifest.get("structure", {}).get("column_scales", {})
+    experts = manifest.get("structure", {}).get("expert_matrices_quantized", 0)
     lines = [
         "## Serving",
         "",
@@ -310,8 +311,12 @@ def serving_lines(manifest: dict) -> list[str]:
         "On a CPU, `--dtype float16` is the safer choice where vLLM allows it (it runs Gemma 2 and 3 in bfloat16 "
         "only): in bfloat16 its CPU kernel quantizes activations to int8 unless `VLLM_CPU_INT4_W4A8=0`.",
         "",
-        "transformers reads it too, with the `compressed-tensors` package installed "
-        "(`AutoModelForCausalLM.from_pretrained`, which decompresses the weights).",
+        *(["Its experts are written under the checkpoint's per-expert names (`experts.<e>.gate_proj`, ...), which "
+           "vLLM's fused-MoE WNA16 path loads on NVIDIA GPUs; vLLM's CPU build has no asymmetric int4 "
+           "mixture-of-experts path, and transformers' compressed-tensors loader leaves experts' zero points out, "
+           "so use vLLM on a GPU, or `load_quantized` above."] if experts else
+          ["transformers reads it too, with the `compressed-tensors` package installed "
+           "(`AutoModelForCausalLM.from_pretrained`, which decompresses the weights)."]),
         "",
         "Serving formats hold no per-input-column scale, so SINQ's column scales were computed so that they fold "
         "exactly into the tensors that produce each matrix's input, and folded there:",
