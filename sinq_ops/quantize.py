@@ -262,7 +262,8 @@ def _wants_sinkhorn(config: QuantConfig, tile_rows: int, kurtosis_of: Callable[[
 
 
 def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, column_scale: Tensor | None = None,
-                zero_in_range: bool = False, scale_dtype: torch.dtype | None = None):
+                zero_in_range: bool = False, scale_dtype: torch.dtype | None = None,
+                activation_scale: Tensor | None = None):
     """Reference path: sinkhorn.py, rounding.py and packing.py on an fp32 copy of the weight."""
     _check_range(*(float(v) for v in torch.aminmax(w)))  # NaN and Inf propagate
     if column_scale is not None:
@@ -286,6 +287,10 @@ def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, column_scale: Te
         row_scale = torch.ones(a, rows, b, device=w.device)
         col_scale = torch.ones(a, b, cols, device=w.device)
         normalised = tiles
+    if activation_scale is not None and use_sinkhorn:
+        act = activation_scale.to(w.device, torch.float32).reshape(a, b, cols)
+        normalised = normalised * act.unsqueeze(1)
+        col_scale = col_scale / act
     if config.codebook_name:
         codes, step, zero = round_codebook(normalised, codebook(config.codebook_name, w.device))
     else:
@@ -329,6 +334,7 @@ def quantize(
     column_scale: Tensor | None = None,
     zero_in_range: bool = False,
     scale_dtype: torch.dtype | None = None,
+    activation_scale: Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize a 2-D ``[out_features, in_features]`` weight on the device it lives on.
 
@@ -339,22 +345,28 @@ def quantize(
     scale and the kurtosis gate: the caller has computed one scale for several matrices that will
     share it (``sinq_ops.columns``). ``zero_in_range`` keeps every group's zero among the codes
     (``rounding.round_uniform``), and ``scale_dtype`` has the codes chosen for, and the group scales
-    kept in, the dtype a serving format stores them in. These run on the torch path.
+    kept in, the dtype a serving format stores them in. ``activation_scale`` (``[in_features]``,
+    A-SINQ's, from ``sinq_ops.activation.search``) multiplies the normalised weight before rounding
+    and divides the column scale; a matrix the kurtosis gate sends to round-to-nearest ignores it.
+    These run on the torch path.
     """
     config = QuantConfig(bits=bits, group_size=group_size, tiling=tiling, method=method, aux=aux)
     w = _prepare(weight, config)
     n, k = w.shape
     g = config.group_size
-    constrained = column_scale is not None or zero_in_range or scale_dtype is not None
+    constrained = column_scale is not None or zero_in_range or scale_dtype is not None or activation_scale is not None
     if constrained:
         if tiling != "1D" or config.codebook_name:
-            raise ValueError("a given column scale, zero_in_range and scale_dtype need 1D tiling and uniform codes")
-        if column_scale is not None and column_scale.numel() != k:
-            raise ValueError(f"column_scale holds {column_scale.numel()} values, expected in_features={k}")
+            raise ValueError("a given column scale, zero_in_range, scale_dtype and activation_scale need 1D tiling "
+                             "and uniform codes")
+        for name, given in (("column_scale", column_scale), ("activation_scale", activation_scale)):
+            if given is not None and given.numel() != k:
+                raise ValueError(f"{name} holds {given.numel()} values, expected in_features={k}")
         if backend == "triton":
-            raise ValueError("backend='triton' takes no given column scale, zero_in_range or scale_dtype; use 'torch'")
+            raise ValueError("backend='triton' takes no given column scale, zero_in_range, scale_dtype or "
+                             "activation_scale; use 'torch'")
         qweight, group_scale, zero, col_scale, use_sinkhorn = _torch_path(w, config, n, column_scale, zero_in_range,
-                                                                          scale_dtype)
+                                                                          scale_dtype, activation_scale)
     else:
         path = _triton_path if _backend(w, backend) == "triton" else _torch_path
         qweight, group_scale, zero, col_scale, use_sinkhorn = path(w, config, n if tiling == "1D" else g)

@@ -1,0 +1,79 @@
+"""A-SINQ's activation-aware scale: the search that decides, per matrix, how much its inputs matter.
+
+SINQ balances a weight's rows and columns from the weight alone. Its inputs are not balanced: a few
+channels carry most of the activation mass, and a rounding error in their columns costs the layer's
+output most. A-SINQ multiplies the Sinkhorn-normalised weight by a per-input-channel scale ``s``
+before rounding (finer steps where ``s`` is large) and divides it out of the column scale after, as
+AWQ scales weights; the layer computes the same function, with its error moved off the channels
+that matter. ``s`` comes from a one-parameter family, ``mean|x|^a / mean|W|^(1-a)``, and the
+exponent is chosen by the error of the layer's output on calibration inputs. A matrix the kurtosis
+gate sends to round-to-nearest is decided before any search (``search`` gives None).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .config import KURTOSIS_GATE, SINKHORN_ITERS, QuantConfig
+from .rounding import round_uniform
+from .sinkhorn import kurtosis, sinkhorn_scales
+
+ALPHAS = 20  # exponents 0, 1/20, ..., 19/20, as the reference searches
+OBJECTIVES = ("l1", "l2")
+_FLOOR = 1e-4
+
+
+def candidate_scale(x_abs_mean: Tensor, w_abs_mean: Tensor, alpha: float) -> Tensor:
+    """``mean|x|^a / mean|W|^(1-a)`` per input channel, floored, normalised to a geometric middle of 1
+    (its largest and smallest values multiply to 1), as the reference forms it."""
+    s = x_abs_mean.float().pow(alpha).clamp_min(_FLOOR)
+    s = (s / (w_abs_mean.float().pow(1 - alpha) + _FLOOR)).clamp_min(_FLOOR)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: Tensor | None = None,
+           alphas: int = ALPHAS, objective: str = "l1", keep_sinq: bool = True) -> Tensor | None:
+    """The activation scale ``[in_features]`` for ``weight`` ``[out, in]`` that gives the smallest error
+    of the layer's output on ``inputs`` ``[tokens, in]`` (mean absolute with ``"l1"``, mean square
+    with ``"l2"``); None where the kurtosis gate falls back to round-to-nearest.
+
+    ``x_abs_mean`` is the per-channel mean |x| over all calibration tokens (default: over
+    ``inputs``): statistics can come from more tokens than the error is measured on. The float
+    output is computed once; each exponent costs one rounding of the matrix and one product.
+
+    ``keep_sinq`` puts plain SINQ (a scale of ones) first among the candidates. The family alone
+    never holds it (its exponent 0 is ``1 / mean|W|``), so the reference's search can end worse
+    on its own calibration error than no activation scale at all; ``keep_sinq=False`` searches
+    exactly the reference's candidates.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not supported; choose one of {', '.join(OBJECTIVES)}")
+    if config.tiling != "1D" or config.codebook_name or not config.uses_sinkhorn:
+        raise ValueError("the activation scale is searched for SINQ with uniform codes and 1D tiling")
+    n, k = weight.shape
+    g = config.group_size
+    if inputs.ndim != 2 or inputs.shape[1] != k:
+        raise ValueError(f"inputs must be [tokens, {k}], got {list(inputs.shape)}")
+    w = weight.to(torch.float16).float()
+    if n < 2 or kurtosis(w) > KURTOSIS_GATE:
+        return None
+    x = inputs.to(w.device, torch.float32)
+    mean_x = (x.abs().mean(0) if x_abs_mean is None else x_abs_mean.to(w.device)).float()
+    mean_w = w.abs().mean(0)
+    tiles = w.view(1, n, k // g, g)
+    rows, cols = sinkhorn_scales(tiles, SINKHORN_ITERS)
+    normalised = (tiles / cols.unsqueeze(1) / rows.unsqueeze(-1)).reshape(n, k)
+    back = (cols.reshape(1, k) * rows.repeat_interleave(g, -1).reshape(n, k))  # normalised -> weight
+    want = x @ w.t()
+    best, best_err = None, float("inf")
+    candidates = [torch.ones(k, device=w.device)] if keep_sinq else []
+    candidates += [candidate_scale(mean_x, mean_w, i / alphas if alphas > 1 else 0.0) for i in range(alphas)]
+    for s in candidates:
+        codes, step, zero = round_uniform((normalised * s).view(n, k // g, g), config.max_code)
+        deq = ((codes.float() - zero) * step).reshape(n, k) / s * back
+        diff = x @ deq.t() - want
+        err = float(diff.abs().mean() if objective == "l1" else diff.square().mean())
+        if err < best_err:  # the first of equal errors, as the reference keeps it
+            best, best_err = s, err
+    return best
