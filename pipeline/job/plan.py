@@ -19,12 +19,13 @@ from ..conversion import Conversion
 from ..io.safetensors_io import DTYPE_NAMES, DTYPES, PlannedTensor, TensorInfo, tensor_bytes
 from ..output.layout import CARD_NAME
 from ..sources import Source
+from .errors import PlanError
+from .expert_parts import expert_parts
 from .folds import LayerFolds, layer_folds, recipe_for, unfused
 from .formats import FormatError, pair_scales, source_format
-from .expert_parts import expert_parts
 from .mapping import MappingError, Piece, SourceGroup, expert_piece, source_groups
-from .planned import (DEFAULT_WORKER_MEMORY, column_scale_placements, LAYER_PATTERN, KindSummary, Plan, TensorTask, Unit, held_bytes,
-                      memory_of, peak_bytes)
+from .planned import DEFAULT_WORKER_MEMORY, LAYER_PATTERN, KindSummary, Plan, TensorTask, Unit, column_scale_placements
+from .split import gb, split_layer, unit_name
 
 _QUANTIZABLE = ("F16", "BF16", "F32")
 logger = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 # Matrices the group size does not divide are kept in full precision when together they hold less than
 # this share of the quantized parameters (Gemma 3n's AltUp coefficients: 4 input features); else refused.
 SMALL_KEPT_SHARE = 0.001
-
-
-class PlanError(ValueError):
-    """The checkpoint cannot be quantized as asked; the message says which tensor and why."""
 
 
 def _generated(name: str, tensor) -> TensorTask:
@@ -283,7 +280,7 @@ def make_plan(
     for block in blocks:
         if LAYER_PATTERN.match(block + ".") is not None:
             # A compressed-tensors layer is never split: its experts' gate/up share one column scale.
-            grouped.append((block, [tasks_of[block]] if served else _split(source, block, tasks_of[block], worker_memory)))
+            grouped.append((block, [tasks_of[block]] if served else split_layer(source, block, tasks_of[block], worker_memory)))
     units: list[Unit] = []
     for block, parts in grouped:
         for tasks in parts:
@@ -295,7 +292,7 @@ def make_plan(
                 split = unfused(block, names)
                 if split:
                     raise PlanError(f"{source.spec}: {split}")
-            units.append(Unit(len(units), _unit_name(block, tasks, len(parts)), tuple(tasks), block, folds))
+            units.append(Unit(len(units), unit_name(block, tasks, len(parts)), tuple(tasks), block, folds))
     if not any(t.quantize for u in units for t in u.tasks):
         raise PlanError(f"{source.spec}: no tensor to quantize (no Linear or expert weights inside decoder "
                         "layers are selected)")
@@ -337,11 +334,11 @@ def make_plan(
                      f"{oversized[0]}); a layer is never split across shards, so their shards are larger")
     over = [u for u in units if u.memory_bytes() > worker_memory]
     if over:
-        logger.warning("%d units need more than --worker-memory %s (first: %s, %s)", len(over), _gb(worker_memory),
-                       over[0].name, _gb(over[0].memory_bytes()))
-        notes.append(f"over memory   {len(over)} units need more than --worker-memory {_gb(worker_memory)} on a CPU "
-                     f"worker (first: {over[0].name}, {_gb(over[0].memory_bytes())}); only a layer's experts are split, "
-                     "so these run as they are: raise --worker-memory if workers run out of memory")
+        logger.warning("%d units need more than --worker-memory %s (first: %s, %s)", len(over), gb(worker_memory),
+                       over[0].name, gb(over[0].memory_bytes()))
+        notes.append(f"over memory   {len(over)} units need more than --worker-memory {gb(worker_memory)} on a CPU "
+                     f"worker (first: {over[0].name}, {gb(over[0].memory_bytes())}); only a layer's experts are split "
+                     "(and in compressed-tensors none: its experts share one gate/up scale), so these run as they are: raise --worker-memory if workers run out of memory")
     placements = column_scale_placements(units) if served else {}
     if served and config.uses_sinkhorn and recipe_for(model_config) is None:
         logger.warning("no exact column-scale fold is known for model_type %r: its matrices are written with a "
@@ -356,46 +353,6 @@ def make_plan(
 def _layer_key(block: str) -> tuple[str, int]:
     m = LAYER_PATTERN.match(block + ".")
     return (block[: -len(m.group(2))], int(m.group(2))) if m else (block, -1)
-
-
-def _split(source: Source, block: str, tasks: list[TensorTask], budget: int) -> list[list[TensorTask]]:
-    """A layer's tasks as one unit, or, when a mixture-of-experts layer exceeds ``budget``, as its other
-    tensors followed by consecutive groups of experts, each group as large as fits (the first shared
-    with the others). The other tensors are never split: a group holding them may exceed the budget."""
-    if memory_of(tasks) <= budget or not any(t.movable for t in tasks):
-        return [tasks]  # a dense layer is one unit, as it always was: only experts are split
-    rest = [t for t in tasks if not t.movable]
-    experts: dict[int, list[TensorTask]] = {}
-    for t in tasks:
-        if t.movable:
-            experts.setdefault(t.expert, []).append(t)
-    groups: list[list[TensorTask]] = [rest]
-    held, largest = [held_bytes(rest)], [max((t.numel for t in rest if t.quantize), default=0)]
-    for e in sorted(experts):
-        more, size = held_bytes(experts[e]), max(t.numel for t in experts[e])
-        if peak_bytes(held[-1] + more, max(largest[-1], size)) > budget and groups[-1]:
-            groups.append([])
-            held.append(0)
-            largest.append(0)
-        groups[-1].extend(experts[e])
-        held[-1] += more
-        largest[-1] = max(largest[-1], size)
-    for g, h, big in zip(groups, held, largest):
-        if peak_bytes(h, big) > budget and g and all(t.expert == g[-1].expert for t in g):
-            raise PlanError(f"{source.spec}: {block} needs {_gb(peak_bytes(h, big))} of worker memory for expert "
-                            f"{g[-1].expert} alone, more than --worker-memory {_gb(budget)}; raise --worker-memory")
-    return [g for g in groups if g]
-
-
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.3g} GB"
-
-
-def _unit_name(block: str, tasks: list[TensorTask], parts: int) -> str:
-    experts = [t.expert for t in tasks if t.movable]
-    if parts == 1 or not experts:
-        return block
-    return f"{block} (experts {min(experts)}-{max(experts)})"
 
 
 def _kinds(layout: ModelLayout, tensors: set[str], units: list[Unit], small: set[str]) -> list[KindSummary]:
