@@ -92,12 +92,12 @@ def load_quantized(
         leaf = quantized_leaf(n)
         if leaf != n and leaf in sidecar:
             of_leaf.setdefault(leaf, []).append(n)
-    stacked: dict[str, list[tuple[int, dict[str, torch.Tensor]]]] = {}  # an expert's matrix: its row blocks
+    stacked: dict[str, list[tuple[str, dict, dict[str, torch.Tensor]]]] = {}  # an expert's matrix: its row blocks
     for leaf, entry in sidecar.items():
         names = of_leaf.get(leaf, [])
         meta = entry["meta"]
         if "of" in meta:  # one of an expert's checkpoint tensors in compressed-tensors: stacked back below
-            stacked.setdefault(meta["of"], []).append((int(meta["rows"][0]), {n[len(leaf) + 1:]: read(n) for n in names}))
+            stacked.setdefault(meta["of"], []).append((leaf, meta, {n[len(leaf) + 1:]: read(n) for n in names}))
             claimed.update(names)
             continue
         weights[leaf] = _weight(leaf, {n: read(n) for n in names}, meta)
@@ -106,13 +106,7 @@ def load_quantized(
             biases[leaf] = read(f"{leaf}.bias")
             claimed.add(f"{leaf}.bias")
     for leaf, blocks in stacked.items():
-        meta = next(e["meta"] for e in sidecar.values() if e["meta"].get("of") == leaf)
-        try:
-            whole = cat_rows([t for _, t in sorted(blocks, key=lambda b: b[0])], int(meta["nbits"]))
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"{leaf}: its checkpoint tensors do not stack: {exc}") from None
-        weights[leaf] = _weight(leaf, {f"{leaf}.{k}": v for k, v in whole.items()},
-                                {**meta, "shape": [int(d) for d in whole["weight_shape"].tolist()]})
+        weights[leaf] = _stacked_weight(leaf, blocks)
     for name in sorted(set(weight_map) - claimed):
         _set_tensor(model, name, read(name), dtype)
     try:
@@ -120,6 +114,26 @@ def load_quantized(
     except IncompleteExperts as exc:
         raise IncompleteOutput(f"{location}: {exc}") from None
     return _finish(model, location, device)
+
+
+def _stacked_weight(leaf: str, blocks: list[tuple[str, dict, dict[str, torch.Tensor]]]) -> QuantizedWeight:
+    """An expert's matrix from the checkpoint tensors that are its row blocks ``(name, sidecar entry,
+    tensors by suffix)``: each as its entry says, the blocks tiling the rows from 0 without gap or overlap."""
+    blocks = sorted(blocks, key=lambda b: int(b[1]["rows"][0]))
+    end = 0
+    for name, meta, tensors in blocks:
+        start, stop = (int(r) for r in meta["rows"])
+        shape = tensors.get("weight_shape")
+        if start != end or shape is None or shape.tolist() != [stop - start, int(meta["shape"][1])]:
+            raise ValueError(f"{leaf}: its block {name} (rows {start}:{stop}) does not continue rows 0:{end} as its "
+                             f"entry says")
+        end = stop
+    meta = blocks[0][1]
+    try:
+        whole = cat_rows([t for _, _, t in blocks], int(meta["nbits"]))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{leaf}: its checkpoint tensors do not stack: {exc}") from None
+    return _weight(leaf, {f"{leaf}.{k}": v for k, v in whole.items()}, {**meta, "shape": [end, int(meta["shape"][1])]})
 
 
 def _weight(leaf: str, tensors: dict[str, torch.Tensor], meta: dict) -> QuantizedWeight:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
@@ -116,6 +117,12 @@ def test_qwen3_moe_output_computes_the_in_memory_quantization(tmp_path: Path) ->
             attention_served(layer.self_attn, want.config, torch.float32)
             _experts_served(layer.mlp, torch.float32)
     _logits_match(model, out, want)
+    # a block whose entry says other rows than it holds is refused, not stacked in the wrong place
+    sidecar = json.loads((out / SIDECAR_NAME).read_text())
+    sidecar["model.layers.0.mlp.experts.1.up_proj"]["meta"]["rows"] = [0, 64]
+    (out / SIDECAR_NAME).write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError, match="experts.gate_up_proj.1: its block .* does not continue"):
+        load_quantized(str(out), require_manifest=False)
 
 
 def test_a_family_without_a_recipe_writes_its_experts_with_column_scales_of_one(tmp_path: Path) -> None:
@@ -150,7 +157,7 @@ def test_experts_the_checkpoint_names_outside_the_models_module_are_refused(tmp_
 def test_experts_stacked_in_the_checkpoint_are_refused_in_one_line(tmp_path: Path, capsys) -> None:
     src = moe_models.save("qwen3_moe", tmp_path / "src", fused=True)
     capsys.readouterr()
-    assert_cli_refuses(src, tmp_path / "out", capsys, "stores it stacked", "--format sinq",
+    assert_cli_refuses(src, tmp_path / "out", capsys, "the checkpoint stores", "stacked", "--format sinq",
                        args=("--format", "compressed-tensors", "--group-size", str(CONFIG.group_size)))
 
 

@@ -77,7 +77,8 @@ class LayerFolds:
                 tied = " (tied across the query heads of each key/value head)" if r.heads else ""
                 part = " (its up rows)" if r.stop is not None else ""
                 return f"folded into {_kind(r.producer)}{part} rows{tied}"
-        carried = "".join(sorted({f"; its rows carry {_kind(r.reader)}'s" for r in self.rows if r.producer == key}))
+        carried = "".join(sorted({f"; its {'up ' if r.stop is not None else ''}rows carry {_kind(r.reader)}'s"
+                                  for r in self.rows if r.producer == key}))
         for s in self.shared:
             if key in s.readers:
                 lead = " and ".join(dict.fromkeys(_kind(b.name) + (" up rows" if b.stop is not None else "")

@@ -234,7 +234,11 @@ def make_plan(
         for name in sorted(group.targets):
             if name in quantized and name in layout.expert_weights:
                 ew = layout.expert_weights[name]
-                parts_of(sg, name, 0, ew.transposed)  # refuses a stacked checkpoint tensor
+                if served:  # the checkpoint holds every expert's matrix in one tensor: no per-expert name
+                    raise PlanError(f"{source.spec}/{first.file}: --format compressed-tensors writes experts by their "
+                                    f"checkpoint tensors, and the checkpoint stores {name} stacked ({first.info.name}), "
+                                    f"with no per-expert tensor to write it as; use --format sinq, or leave it "
+                                    f"unquantized with --exclude '{re.escape(name)}'")
                 for e in range(ew.experts):
                     mine = held if group.conversion else (expert_piece(first, ew.experts, e),)
                     tasks.append(quantized_task(name, f"{name}.{e}", mine, ew.transposed, e, group.conversion, dtype))
@@ -279,8 +283,9 @@ def make_plan(
         grouped.append(("(model buffers)", [[_generated(n, b) for n, b in sorted(buffers.items())]]))
     for block in blocks:
         if LAYER_PATTERN.match(block + ".") is not None:
-            # A compressed-tensors layer is never split: its experts' gate/up share one column scale.
-            grouped.append((block, [tasks_of[block]] if served else split_layer(source, block, tasks_of[block], worker_memory)))
+            # A compressed-tensors mixture whose experts' gate/up share one column scale is never split.
+            whole = served and config.method != "rtn" and bool(getattr(recipe_for(model_config), "router", ""))
+            grouped.append((block, [tasks_of[block]] if whole else split_layer(source, block, tasks_of[block], worker_memory)))
     units: list[Unit] = []
     for block, parts in grouped:
         for tasks in parts:
@@ -338,7 +343,7 @@ def make_plan(
                        over[0].name, gb(over[0].memory_bytes()))
         notes.append(f"over memory   {len(over)} units need more than --worker-memory {gb(worker_memory)} on a CPU "
                      f"worker (first: {over[0].name}, {gb(over[0].memory_bytes())}); only a layer's experts are split "
-                     "(and in compressed-tensors none: its experts share one gate/up scale), so these run as they are: raise --worker-memory if workers run out of memory")
+                     "(in compressed-tensors, only where they share no column scale), so these run as they are: raise --worker-memory if workers run out of memory")
     placements = column_scale_placements(units) if served else {}
     if served and config.uses_sinkhorn and recipe_for(model_config) is None:
         logger.warning("no exact column-scale fold is known for model_type %r: its matrices are written with a "
