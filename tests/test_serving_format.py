@@ -19,11 +19,15 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Ge
                           GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, StableLmConfig, StableLmForCausalLM)
 
+from pipeline.io.storage import Location
 from pipeline.job.options import JobOptions
-from pipeline.job.run import run_job
+from pipeline.job.plan import make_plan
+from pipeline.job.run import run_job, run_key
+from pipeline.job.unit import process_unit
 from pipeline.loader import load_quantized
 from pipeline.output.layout import CT_SUFFIXES
-from pipeline_checks import assert_cli_refuses, read_dir_tensors
+from pipeline.sources import open_source
+from pipeline_checks import assert_cli_refuses, file_bytes, read_dir_tensors
 from sinq_ops import QuantConfig, quantize
 from sinq_ops.columns import heads_scale_to_kv, shared_column_scale, tied_column_scale
 from sinq_ops.compressed import SUFFIXES
@@ -249,3 +253,21 @@ def test_codes_are_chosen_for_the_scale_as_stored() -> None:
     assert torch.equal(stored, aware.dequantize(apply_scale2=False))
     naive = from_compressed(to_compressed(quantize(w, **common), torch.bfloat16), config).dequantize()
     assert (w - stored).norm() < (w - naive).norm()
+
+
+def test_an_interrupted_job_resumes_from_its_staged_layers(tmp_path: Path) -> None:
+    """Layers staged by an interrupted compressed-tensors job are reused by its rerun, which writes the
+    bytes an uninterrupted job writes."""
+    src, _ = _save(tmp_path, "qwen3")
+    clean = tmp_path / "clean"
+    _quantize(src, clean)
+    out = tmp_path / "out"
+    opts = JobOptions(model=str(src), out=str(out), quant=CONFIG, output_format="compressed-tensors")
+    plan = make_plan(open_source(str(src)), CONFIG, output_format="compressed-tensors")
+    staging = Location(str(out / ".staging" / run_key(plan.source, opts)))
+    layers = [u for u in plan.units if u.folds is not None]
+    for unit in layers:
+        assert not process_unit(plan.source, unit, plan.config, staging, "cpu").reused
+    manifest = run_job(opts, in_process=True, log=lambda _: None)
+    assert manifest["timings"]["units_reused"] == len(layers) > 0
+    assert file_bytes(out) == file_bytes(clean)
