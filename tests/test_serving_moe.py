@@ -19,9 +19,12 @@ from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 import moe_models
 from pipeline.job.reduce import model_leaves
+from pipeline.job.plan import make_plan
 from pipeline.loader import load_quantized
 from pipeline.output.layout import SIDECAR_NAME
+from pipeline.sources import open_source
 from pipeline_checks import assert_cli_refuses, read_dir_tensors
+from sinq_ops import QuantConfig
 from sinq_ops.columns import shared_column_scale
 from test_serving_format import CONFIG, FAMILIES, G, _deq, _quantize, attention_served, mlp_served
 
@@ -166,3 +169,17 @@ def test_every_family_with_a_fold_recipe_is_checked() -> None:
 
     # dense families in test_serving_format, the two mixtures above
     assert set(RECIPES) <= set(FAMILIES) | {"qwen2_moe", "qwen3_moe"}
+
+
+def test_a_mixture_layer_is_planned_whole_with_the_memory_its_shared_scale_takes(tmp_path: Path) -> None:
+    src, _ = _qwen2_moe(tmp_path / "src")
+    plan = make_plan(open_source(str(src)), CONFIG, output_format="compressed-tensors", worker_memory=2 * 10**5)
+    layer = next(u for u in plan.units if u.block == "model.layers.0")
+    assert len([u for u in plan.units if u.block == "model.layers.0"]) == 1  # never split: one gate/up scale
+    # Sinkhorn over every expert's up rows and the shared expert's: 4 x 64 + 64 rows of 64 columns
+    assert layer.lead_numel == (4 * 64 + 64) * 64
+    assert layer.memory_bytes() - layer.memory_bytes(gpu=True) >= 16 * layer.lead_numel
+    assert plan.gpu_memory_bytes() > 16 * layer.lead_numel
+    rtn = make_plan(open_source(str(src)), QuantConfig(bits=4, group_size=32, method="rtn"),
+                    output_format="compressed-tensors", worker_memory=2 * 10**5)
+    assert len([u for u in rtn.units if u.block == "model.layers.0"]) > 1  # nothing shared: split by experts

@@ -284,7 +284,8 @@ def make_plan(
     for block in blocks:
         if LAYER_PATTERN.match(block + ".") is not None:
             # A compressed-tensors mixture whose experts' gate/up share one column scale is never split.
-            whole = served and config.method != "rtn" and bool(getattr(recipe_for(model_config), "router", ""))
+            recipe = recipe_for(model_config)
+            whole = served and config.method != "rtn" and recipe is not None and bool(recipe.router)
             grouped.append((block, [tasks_of[block]] if whole else split_layer(source, block, tasks_of[block], worker_memory)))
     units: list[Unit] = []
     for block, parts in grouped:

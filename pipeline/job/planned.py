@@ -109,9 +109,19 @@ class Unit:
         """Peak host memory of a worker on this unit: its source and output tensors, plus on a CPU
         worker the fp32 working copies of its largest weight (the weight, its square, the
         normalised tiles, codes). A compressed-tensors unit also holds its layer decoded at once for
-        its folds: up to a float32 copy of every tensor."""
+        its folds: up to a float32 copy of every tensor, and Sinkhorn's working copies of the largest
+        stack of rows a shared column scale is computed from (every expert's up rows, in a mixture)."""
         folded = 4 * sum(t.numel for t in self.tasks) if self.folds is not None else 0
-        return memory_of(self.tasks, gpu) + folded
+        return memory_of(self.tasks, gpu) + folded + (0 if gpu else CPU_WORK_PER_ELEMENT * self.lead_numel)
+
+    @property
+    def lead_numel(self) -> int:
+        """Elements of the largest stack of rows one of the unit's shared column scales is computed from."""
+        if self.folds is None:
+            return 0
+        matrices = {t.key: (t.shape[1], t.shape[0]) if t.transpose else t.shape for t in self.tasks if t.quantize}
+        return max((sum(((b.stop - b.start) if b.stop is not None else matrices[b.name][0]) * matrices[b.name][1]
+                         for b in s.lead) for s in self.folds.shared), default=0)
 
 
 def memory_of(tasks: tuple[TensorTask, ...] | list[TensorTask], gpu: bool = False) -> int:
@@ -206,10 +216,11 @@ class Plan:
         what the kernels allocate for it, and the error check's unpacked codes (a byte per weight) and row blocks."""
         sizes = [(t.nbytes, t.numel) for t in self.quantized]
         peak = max((b + int(GPU_WORK_PER_FP16_BYTE * 2 * n) + n for b, n in sizes), default=0) + ERROR_CHECK_BYTES
-        # A compressed-tensors unit holds its whole layer on the device for its folds, and a float32
-        # copy of a producer whose rows took the next matrix's column scale.
+        # A compressed-tensors unit holds its whole layer on the device for its folds, a float32 copy
+        # of a producer whose rows took the next matrix's column scale, and Sinkhorn's working copies
+        # of the rows a shared scale is computed from (torch path, the same per element as on a CPU).
         layer = max((sum(t.nbytes for t in u.tasks) + 4 * max((t.numel for t in u.tasks if t.quantize), default=0)
-                     for u in self.units if u.folds is not None), default=0)
+                     + CPU_WORK_PER_ELEMENT * u.lead_numel for u in self.units if u.folds is not None), default=0)
         return peak + layer
 
     def describe(self) -> str:

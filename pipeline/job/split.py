@@ -32,7 +32,7 @@ def split_layer(source: Source, block: str, tasks: list[TensorTask], budget: int
         held[-1] += more
         largest[-1] = max(largest[-1], size)
     for g, h, big in zip(groups, held, largest):
-        if peak_bytes(h, big) > budget and g and all(t.expert == g[-1].expert for t in g):
+        if peak_bytes(h, big) > budget and g and g[-1].expert is not None and all(t.expert == g[-1].expert for t in g):
             raise PlanError(f"{source.spec}: {block} needs {gb(peak_bytes(h, big))} of worker memory for expert "
                             f"{g[-1].expert} alone, more than --worker-memory {gb(budget)}; raise --worker-memory")
     return [g for g in groups if g]
