@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-METHODS = ("sinq", "rtn", "nf4", "nf3")
+METHODS = ("sinq", "rtn", "nf4", "nf3", "asinq")
 TILINGS = ("1D", "2D")
 AUX_FORMATS = ("int8", "fp16")
 
@@ -33,6 +33,9 @@ class QuantConfig:
                 raise ValueError(f"method={self.method!r} needs bits={need}, got bits={self.bits}")
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; choose one of {SUPPORTED_BITS}")
+        if self.method == "asinq" and self.tiling != "1D":
+            raise ValueError(f"method='asinq' needs tiling='1D' (its activation scale runs along the input "
+                             f"features, as 1D groups do), got tiling={self.tiling!r}")
         if self.tiling not in TILINGS:
             raise ValueError(f"tiling={self.tiling!r} is not supported; choose one of {', '.join(TILINGS)}")
         if self.aux not in AUX_FORMATS:
@@ -50,13 +53,18 @@ class QuantConfig:
         return self.method if self.method in ("nf4", "nf3") else None
 
     @property
+    def calibrated(self) -> bool:
+        """Whether the job needs calibration activations (A-SINQ's activation-aware scale)."""
+        return self.method == "asinq"
+
+    @property
     def uses_sinkhorn(self) -> bool:
         return self.method != "rtn"
 
     @property
     def reference_method(self) -> str:
         """The method string the reference package stores in its metadata for this config."""
-        base = {"sinq": "sinq", "rtn": "rtn", "nf4": "sinq_nf4", "nf3": "sinq_nf3"}[self.method]
+        base = {"sinq": "sinq", "rtn": "rtn", "nf4": "sinq_nf4", "nf3": "sinq_nf3", "asinq": "sinq_awq_l1"}[self.method]
         return base + ("_quantAux" if self.aux == "int8" else "")
 
     def to_dict(self) -> dict:

@@ -27,8 +27,10 @@ from .unit import UnitResult, process_unit
 
 @ray.remote(max_restarts=3, max_task_retries=3, max_concurrency=2)
 class QuantizeWorker:
-    def __init__(self, source: Source, config: QuantConfig, staging: Location, threads: int) -> None:
+    def __init__(self, source: Source, config: QuantConfig, staging: Location, threads: int,
+                 calibration: Location | None = None) -> None:
         self.source = source
+        self.calibration = calibration
         self.config = config
         self.staging = staging
         torch.set_num_threads(threads)  # a fixed count keeps float reductions, and so output, identical
@@ -38,7 +40,8 @@ class QuantizeWorker:
         self.compute = threading.Lock()
 
     def process(self, unit: Unit) -> UnitResult:
-        result = process_unit(self.source, unit, self.config, self.staging, self.device, self.compute)
+        result = process_unit(self.source, unit, self.config, self.staging, self.device, self.compute,
+                              calibration=self.calibration)
         result.worker = self.where
         # The process's high-water mark so far (Linux reports KiB): what the plan's memory bound is checked against.
         result.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

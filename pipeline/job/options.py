@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from sinq_ops.config import AUX_FORMATS, METHODS, SUPPORTED_BITS, TILINGS, QuantConfig, check_servable
 
+from ..calibration.options import CalibrationOptions
 from ..io.storage import StorageOptions
 from .settings import format_size, parse_size
 
@@ -33,6 +34,7 @@ class JobOptions:
     quant: QuantConfig = field(default_factory=QuantConfig)
     output_format: str = "sinq"
     storage: StorageOptions = field(default_factory=StorageOptions)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     workers: int | None = None  # quantize actors; None: one per GPU share, else one per CPU
     gpus_per_worker: float = 1.0
     cpus_per_worker: int = 1
@@ -57,6 +59,12 @@ class JobOptions:
             raise ValueError(f"--format {self.output_format!r} is not supported; choose one of {', '.join(OUTPUT_FORMATS)}")
         if self.output_format == "compressed-tensors":
             check_servable(self.quant)
+        if self.output_format == "compressed-tensors" and self.quant.calibrated:
+            raise ValueError("--format compressed-tensors does not take --method asinq: its activation scale would "
+                             "have to be shared by the matrices that read one input and folded as the column scale "
+                             "is; use --format sinq for A-SINQ")
+        if self.calibration.text is not None and not self.quant.calibrated:
+            raise ValueError("--calibration is read by --method asinq only; drop it or pass --method asinq")
         if self.gpus_per_worker <= 0:
             raise ValueError(f"--gpus-per-worker must be above 0, got {self.gpus_per_worker}")
         for name in ("include", "exclude"):
@@ -69,16 +77,17 @@ class JobOptions:
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> "JobOptions":
         """From flat, already normalised settings (``bits``, ``endpoint_url``, ``workers``, ...)."""
-        parts: dict[str, dict[str, Any]] = {"quant": {}, "storage": {}, "job": {}}
+        parts: dict[str, dict[str, Any]] = {"quant": {}, "storage": {}, "calibration": {}, "job": {}}
         for key, value in settings.items():
             option = OPTION_BY_KEY.get(key)
             if option is None:
                 raise ValueError(f"unknown setting {key!r}")
             parts[option.part][option.attr] = value
-        return cls(**parts["job"], quant=QuantConfig(**parts["quant"]), storage=StorageOptions(**parts["storage"]))
+        return cls(**parts["job"], quant=QuantConfig(**parts["quant"]), storage=StorageOptions(**parts["storage"]),
+                   calibration=CalibrationOptions(**parts["calibration"]))
 
 
-_PARTS = {"quant": QuantConfig, "storage": StorageOptions, "job": JobOptions}
+_PARTS = {"quant": QuantConfig, "storage": StorageOptions, "calibration": CalibrationOptions, "job": JobOptions}
 
 
 @dataclass(frozen=True)
@@ -124,8 +133,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("group_size", "weights per group scale and zero: a multiple of 8 that divides every quantized weight's "
                          "columns", "quant", kind="int"),
     Option("tiling", "1D (column blocks) or 2D (square tiles)", "quant", choices=TILINGS),
-    Option("method", "sinq, rtn (plain round-to-nearest), nf4 or nf3 (SINQ with normal-float codebooks)", "quant",
+    Option("method", "sinq, rtn (plain round-to-nearest), nf4 or nf3 (SINQ with normal-float codebooks), or asinq "
+                     "(A-SINQ: SINQ with an activation-aware column scale, calibrated on --calibration text)", "quant",
            choices=METHODS),
+    Option("calibration", "with --method asinq: calibration text, a file (local, s3://, or a Hub dataset's file as "
+                          "hf://datasets/ORG/NAME/FILE; .txt, or .jsonl with a text field) (default: "
+                          "$SINQ_CALIBRATION_TEXT, else WikiText-2's validation split in ../shared/data)", "calibration",
+           attr="text", metavar="SRC"),
+    Option("calibration_sequences", "with --method asinq: calibration sequences run through the float model",
+           "calibration", attr="sequences", kind="int", metavar="N"),
+    Option("calibration_length", "with --method asinq: tokens per calibration sequence", "calibration",
+           attr="length", kind="int", metavar="N"),
+    Option("calibration_sample", "with --method asinq: tokens each matrix's search measures its output error on "
+                                 "(its statistics come from all calibration tokens)", "calibration", attr="sample",
+           kind="int", metavar="N"),
+    Option("calibration_expert_sample", "with --method asinq: at most this many of the tokens routed to an expert "
+                                        "for its search", "calibration", attr="expert_sample", kind="int",
+           metavar="N"),
     Option("aux", "how group scales and zeros are stored: int8 (what SinqConfig produces) or fp16", "quant",
            choices=AUX_FORMATS),
     Option("format", "output layout: sinq (the reference's, loaded by its loader and ours) or compressed-tensors "

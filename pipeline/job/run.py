@@ -26,6 +26,7 @@ from ..output.layout import tool_version
 from ..output.manifest import MANIFEST_NAME, IncompleteOutput, verify
 from ..sources import Source, open_source
 from .actors import QuantizeWorker, Reducer
+from .calibrate import CalibrationInput, plan_calibration, run_calibration
 from .destination import check_apart, take
 from .errors import JobError
 from .options import JobOptions
@@ -39,9 +40,10 @@ logger = logging.getLogger(__name__)
 _STOP_WAIT_S = 30.0
 
 
-def run_key(source: Source, opts: JobOptions) -> str:
-    """Names the staging area: the same source, config and selection give the same key."""
-    ident = {"source": source.identity, "config": opts.quant.to_dict(), "include": list(opts.include),
+def run_key(source: Source, opts: JobOptions, calibration: dict | None = None) -> str:
+    """Names the staging area: the same source, config and selection (and, for A-SINQ, the same
+    calibration text and sizes) give the same key."""
+    ident = {**({"calibration": calibration} if calibration is not None else {}),"source": source.identity, "config": opts.quant.to_dict(), "include": list(opts.include),
              "exclude": list(opts.exclude), "max_shard_size": opts.max_shard_size, "tool": tool_version(),
              **({"include_towers": True} if opts.include_towers else {}),
              **({"format": opts.output_format} if opts.output_format != "sinq" else {})}
@@ -114,7 +116,8 @@ def _checked(plan: Plan, check: Future) -> None:
         "forward check of the output: %s", plan.forward_check)
 
 
-def _pool(source: Source, opts: JobOptions, staging: Location, units: int) -> list:
+def _actor_options(opts: JobOptions) -> tuple[int, dict]:
+    """How many workers the cluster takes by default, and each one's resources."""
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
     if gpus:
@@ -123,11 +126,17 @@ def _pool(source: Source, opts: JobOptions, staging: Location, units: int) -> li
     else:
         n = opts.workers or max(1, int(resources.get("CPU", 1) // opts.cpus_per_worker))
         actor_opts = {"num_cpus": opts.cpus_per_worker}
+    return n, actor_opts
+
+
+def _pool(source: Source, opts: JobOptions, staging: Location, units: int, calibration: Location | None) -> list:
+    n, actor_opts = _actor_options(opts)
+    resources = ray.cluster_resources()
     n = min(n, units)
     logger.info("%d quantize workers, each %s (cluster: %s)", n, actor_opts, dict(resources))
     return [
         QuantizeWorker.options(**actor_opts, scheduling_strategy="SPREAD").remote(
-            source, opts.quant, staging, opts.cpus_per_worker
+            source, opts.quant, staging, opts.cpus_per_worker, calibration
         )
         for _ in range(n)
     ]
@@ -182,7 +191,8 @@ def _unwrap(exc: Exception) -> str:
     return f"a worker died and its restarts ran out: {text}" if isinstance(cause, RayActorError) else text
 
 
-def _run_in_process(plan: Plan, opts: JobOptions, dest: Location, staging: Location, key: str, t_start: float) -> dict:
+def _run_in_process(plan: Plan, opts: JobOptions, dest: Location, staging: Location, key: str, t_start: float,
+                    calibration: Location | None) -> dict:
     """The job's units quantized here, one after another, and assembled here."""
     assembler = Assembler(plan, dest, staging)
     threads = torch.get_num_threads()
@@ -190,7 +200,7 @@ def _run_in_process(plan: Plan, opts: JobOptions, dest: Location, staging: Locat
     try:
         reused = 0
         for unit in plan.units:
-            result = process_unit(plan.source, unit, opts.quant, staging, "cpu")
+            result = process_unit(plan.source, unit, opts.quant, staging, "cpu", calibration=calibration)
             reused += result.reused
             assembler.add(result)
     finally:
@@ -219,6 +229,9 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print, *, in_process:
     plan = _plan(source, opts)
     if opts.dry_run:
         log(plan.describe())
+        if opts.quant.calibrated:
+            workers = opts.workers or 8
+            log(plan_calibration(plan, opts).describe(workers, gpu=True))
         return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes,
                 **plan.structure()}
 
@@ -238,7 +251,8 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print, *, in_process:
 def _run_locked(plan: Plan, opts: JobOptions, dest: Location, check: Future, log: Callable[[str], None],
                 in_process: bool, t_start: float) -> dict:
     """The job once its destination is this job's alone."""
-    key = run_key(plan.source, opts)
+    given = CalibrationInput(plan, opts) if opts.quant.calibrated else None
+    key = run_key(plan.source, opts, given.identity(opts) if given is not None else None)
     existing = _existing_output(dest, key, opts, log)
     if existing is not None:
         log(f"{dest.url} already holds this job's complete output, every file verified; nothing to do")
@@ -247,11 +261,20 @@ def _run_locked(plan: Plan, opts: JobOptions, dest: Location, check: Future, log
     _probe(staging)
     if in_process:
         _checked(plan, check)
-        return _run_in_process(plan, opts, dest, staging, key, t_start)
+        calibration = run_calibration(plan, opts, given, staging, in_process=True, log=log) \
+            if given is not None else None
+        return _run_in_process(plan, opts, dest, staging, key, t_start, calibration)
     _ensure_ray(opts)
-    workers = _pool(plan.source, opts, staging, len(plan.units))
-    try:
+    calibration = None
+    if given is not None:  # the commit check first: a model that cannot be committed is not calibrated
         _checked(plan, check)
+        n, actor_opts = _actor_options(opts)
+        calibration = run_calibration(plan, opts, given, staging, in_process=False, log=log, workers=n,
+                                      actor_options=actor_opts)
+    workers = _pool(plan.source, opts, staging, len(plan.units), calibration)
+    try:
+        if given is None:
+            _checked(plan, check)
     except BaseException:
         _stop(workers, busy=False)
         raise

@@ -17,11 +17,14 @@ from typing import Iterator
 import torch
 
 from sinq_ops import QuantConfig, quantize, relative_error
+from sinq_ops.activation import search
 from sinq_ops.formats import dequantize_fp8, dequantize_mxfp4
 
 from ..io.safetensors_io import (
     DTYPES, TensorInfo, aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream,
 )
+from ..calibration.staged import LayerStats
+from ..calibration.staged import load as load_stats
 from ..io.storage import Location
 from ..sources import Source
 from .mapping import Piece
@@ -41,6 +44,9 @@ class TensorStats:
     rel_error: float
     seconds: float
     sinkhorn: bool
+    # A-SINQ: "searched" (an activation scale was searched and applied), "kurtosis gate" (RTN, as for
+    # SINQ), or why the matrix had no calibration inputs (quantized as SINQ)
+    activation: str | None = None
 
 
 @dataclass
@@ -166,9 +172,10 @@ def _decode(source: Source, piece: Piece, tensor: torch.Tensor, scale: torch.Ten
 
 
 def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Location, device: str,
-                 compute: AbstractContextManager = nullcontext()) -> UnitResult:
+                 compute: AbstractContextManager = nullcontext(), *, calibration: Location | None = None) -> UnitResult:
     """Quantize every tensor of ``unit`` that the plan marks, copy the rest, stage the result;
-    or take the result an earlier run staged, once it verifies.
+    or take the result an earlier run staged, once it verifies. With ``calibration`` (A-SINQ), each
+    matrix's activation scale is searched on its layer's staged statistics there.
 
     Only the quantization runs inside ``compute``: a worker that holds a lock there reads its next
     unit, or uploads its last one, while it quantizes this one."""
@@ -178,9 +185,10 @@ def process_unit(source: Source, unit: Unit, config: QuantConfig, staging: Locat
         return earlier
     t0 = time.perf_counter()
     raw = read_unit(source, unit)
+    layer_stats = _layer_stats(calibration, unit, config)
     read_s = time.perf_counter() - t0
     with compute:
-        outputs, sidecar, stats, read_s, quant_s = _quantize(source, unit, config, device, raw, read_s)
+        outputs, sidecar, stats, read_s, quant_s = _quantize(source, unit, config, device, raw, read_s, layer_stats)
     return _stage(unit, staging, outputs, sidecar, stats, read_s, quant_s)
 
 
@@ -206,8 +214,33 @@ def _assembled(source: Source, unit: Unit, raw: list[list[torch.Tensor]]) -> Ite
         yield task, tensor, time.perf_counter() - t0
 
 
+def _layer_stats(calibration: Location | None, unit: Unit, config: QuantConfig) -> LayerStats | None:
+    """The staged calibration statistics of ``unit``'s layer; a layer the calibration forward does not
+    run (a vision tower's, with --include-towers) has none, and its matrices are quantized as SINQ."""
+    if calibration is None or not config.calibrated or not any(t.quantize for t in unit.tasks):
+        return None
+    if not calibration.exists(f"{unit.block}.json"):
+        return LayerStats({}, {}, {t.leaf: "outside the language model's decoder layers, which calibration runs"
+                                   for t in unit.tasks if t.quantize})
+    return load_stats(calibration, unit.block)
+
+
+def _activation_scale(w: torch.Tensor, leaf: str, config: QuantConfig,
+                      layer_stats: LayerStats | None) -> tuple[torch.Tensor | None, str | None]:
+    """A-SINQ's scale for the matrix ``leaf`` from its staged inputs, and what became of it."""
+    if layer_stats is None:
+        return None, None
+    inputs = layer_stats.inputs(leaf)
+    if inputs is None:
+        return None, layer_stats.missing.get(leaf, "no calibration statistics")
+    mean, sample = inputs
+    scale = search(w, sample.to(w.device, torch.float32), config, x_abs_mean=mean.to(w.device))
+    return scale, "searched" if scale is not None else "kurtosis gate"
+
+
 def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw: list[list[torch.Tensor]],
-              read_s: float) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
+              read_s: float, layer_stats: LayerStats | None = None,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
     """The unit's output tensors, sidecar entries and statistics, and the read and quantize seconds."""
     if unit.folds is not None:
         return _quantize_served(source, unit, config, device, raw, read_s)
@@ -225,7 +258,8 @@ def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw:
         if task.transpose:
             w = w.t().contiguous()
         try:
-            q = quantize(w, **config.to_dict())
+            scale, activation = _activation_scale(w, task.leaf, config, layer_stats)
+            q = quantize(w, **config.to_dict(), activation_scale=scale)
         except ValueError as exc:
             raise UnitError(f"{source.spec}/{task.file}: {task.source_name}: {exc}") from None
         err = relative_error(w, q)
@@ -236,7 +270,7 @@ def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw:
         outputs.update(q.to("cpu").to_state_dict(task.leaf))
         sidecar[task.leaf] = q.metadata()
         label = task.name if task.expert is None else task.leaf
-        stats.append(TensorStats(label, list(w.shape), config.bits, err, seconds, q.sinkhorn_applied))
+        stats.append(TensorStats(label, list(w.shape), config.bits, err, seconds, q.sinkhorn_applied, activation))
         del w, q, tensor
     return outputs, sidecar, stats, read_s, quant_s
 

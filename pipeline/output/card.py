@@ -33,6 +33,7 @@ METHODS = {
     "rtn": "plain round-to-nearest (no Sinkhorn normalization)",
     "nf4": "SINQ with the NF4 normal-float codebook",
     "nf3": "SINQ with the NF3 normal-float codebook",
+    "asinq": "A-SINQ (SINQ with an activation-aware column scale, calibrated on text through the float model)",
 }
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _OWN_FILES = {INDEX_NAME, SIDECAR_NAME, "config.json", CARD_NAME, EVAL_NAME, MANIFEST_NAME}

@@ -1,0 +1,83 @@
+"""The job's calibration stage (A-SINQ): the text read and tokenized on the driver, the float
+forward on a pool of calibration workers (Ray actors, or one object in this process), each layer's
+statistics staged beside the units, where the quantize workers read them.
+
+The calibration workers are stopped before the quantize pool starts: both want the same GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import ray
+import torch
+
+from ..architecture import shared_layout
+from ..calibration.plan import CalibrationPlan, calibration_plan
+from ..calibration.stage import calibrate
+from ..calibration.staged import CALIBRATION_DIR
+from ..calibration.text import read_text, synthetic_ids, token_ids
+from ..calibration.worker import ShardWorker
+from ..io.storage import Location
+from .options import JobOptions
+from .plan import Plan
+
+logger = logging.getLogger(__name__)
+
+
+def plan_calibration(plan: Plan, opts: JobOptions) -> CalibrationPlan:
+    return calibration_plan(plan, opts.calibration, shared_layout(plan.model_config).decoder)
+
+
+class CalibrationInput:
+    """The calibration text, read once on the driver: its digest names the job, its tokens feed the stage."""
+
+    def __init__(self, plan: Plan, opts: JobOptions) -> None:
+        self.synthetic = plan.source.spec.startswith("synthetic://")
+        self.spec = "synthetic token ids" if self.synthetic else opts.calibration.resolved_text()
+        if self.synthetic:
+            self.text, self.sha256 = "", "synthetic"
+        else:
+            self.text, self.sha256 = read_text(self.spec, opts.storage)
+
+    def identity(self, opts: JobOptions) -> dict:
+        return {"text_sha256": self.sha256, **{k: v for k, v in opts.calibration.to_dict().items() if k != "text"}}
+
+    def ids(self, plan: Plan, opts: JobOptions) -> torch.Tensor:
+        if self.synthetic:
+            return synthetic_ids(plan.model_config, opts.calibration)
+        return token_ids(plan.source, self.text, opts.calibration, self.spec)
+
+
+def run_calibration(plan: Plan, opts: JobOptions, given: CalibrationInput, staging: Location, *, in_process: bool,
+                    log: Callable[[str], None], workers: int = 1, actor_options: dict | None = None) -> Location:
+    """Stage every decoder layer's statistics under ``staging``, on up to ``workers`` Ray actors of
+    ``actor_options`` (or in this process); returns where they are."""
+    cplan = plan_calibration(plan, opts)
+    where = staging.child(CALIBRATION_DIR)
+    ids = given.ids(plan, opts)
+    if in_process:
+        threads = torch.get_num_threads()
+        worker = ShardWorker(plan.source, plan.model_config, opts.cpus_per_worker, "cpu")
+        try:
+            calibrate(cplan, ids, where, lambda method, args: [getattr(worker, method)(*a) for a in args], 1, log)
+        finally:
+            torch.set_num_threads(threads)
+        return where
+    n = cplan.workers(workers)
+    actor = ray.remote(max_restarts=0)(ShardWorker)
+    actors = [actor.options(**(actor_options or {}), scheduling_strategy="SPREAD").remote(
+        plan.source, plan.model_config, opts.cpus_per_worker) for _ in range(n)]
+    log(f"calibrating on {len(ids)} x {ids.shape[1]} tokens of {given.spec}: {len(cplan.layers)} layers, "
+        f"{cplan.shards} shards on {n} workers")
+
+    def call(method: str, args: list[tuple]) -> list:
+        return ray.get([getattr(w, method).remote(*a) for w, a in zip(actors, args)])
+
+    try:
+        calibrate(cplan, ids, where, call, n, log)
+    finally:
+        for w in actors:
+            ray.kill(w, no_restart=True)
+    return where
