@@ -33,7 +33,7 @@ def candidate_scale(x_abs_mean: Tensor, w_abs_mean: Tensor, alpha: float) -> Ten
 
 
 def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: Tensor | None = None,
-           alphas: int = ALPHAS, objective: str = "l1", keep_sinq: bool = True) -> Tensor | None:
+           alphas: int = ALPHAS, objective: str = "l1", keep_sinq: bool = True, coarse: int = 1) -> Tensor | None:
     """The activation scale ``[in_features]`` for ``weight`` ``[out, in]`` that gives the smallest error
     of the layer's output on ``inputs`` ``[tokens, in]`` (mean absolute with ``"l1"``, mean square
     with ``"l2"``); None where the kurtosis gate falls back to round-to-nearest.
@@ -46,6 +46,11 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
     never holds it (its exponent 0 is ``1 / mean|W|``), so the reference's search can end worse
     on its own calibration error than no activation scale at all; ``keep_sinq=False`` searches
     exactly the reference's candidates.
+
+    ``coarse`` > 1 searches the exponents coarse to fine: every ``coarse``-th first, then halving the
+    step around the best so far (about 10 products instead of 21 for ``coarse=4``). The error is
+    close to unimodal in the exponent, so this finds the grid's best or a neighbour of it at half
+    the cost; 1 tries every exponent, as the reference does.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {', '.join(OBJECTIVES)}")
@@ -66,14 +71,36 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
     normalised = (tiles / cols.unsqueeze(1) / rows.unsqueeze(-1)).reshape(n, k)
     back = (cols.reshape(1, k) * rows.repeat_interleave(g, -1).reshape(n, k))  # normalised -> weight
     want = x @ w.t()
-    best, best_err = None, float("inf")
-    candidates = [torch.ones(k, device=w.device)] if keep_sinq else []
-    candidates += [candidate_scale(mean_x, mean_w, i / alphas if alphas > 1 else 0.0) for i in range(alphas)]
-    for s in candidates:
+    if coarse < 1:
+        raise ValueError(f"coarse must be at least 1, got {coarse}")
+
+    def error(s: Tensor) -> float:
         codes, step, zero = round_uniform((normalised * s).view(n, k // g, g), config.max_code)
         deq = ((codes.float() - zero) * step).reshape(n, k) / s * back
         diff = x @ deq.t() - want
-        err = float(diff.abs().mean() if objective == "l1" else diff.square().mean())
-        if err < best_err:  # the first of equal errors, as the reference keeps it
-            best, best_err = s, err
+        return float(diff.abs().mean() if objective == "l1" else diff.square().mean())
+
+    best, best_err = None, float("inf")
+    if keep_sinq:
+        best = torch.ones(k, device=w.device)
+        best_err = error(best)
+    tried: dict[int, float] = {}
+
+    def attempt(i: int) -> None:
+        nonlocal best, best_err
+        if i in tried or not 0 <= i < alphas:
+            return
+        s = candidate_scale(mean_x, mean_w, i / alphas if alphas > 1 else 0.0)
+        tried[i] = error(s)
+        if tried[i] < best_err:  # the first of equal errors, as the reference keeps it
+            best, best_err = s, tried[i]
+
+    step = max(1, min(coarse, alphas))
+    for i in range(0, alphas, step):
+        attempt(i)
+    while step > 1:
+        step = max(1, step // 2)
+        centre = min(tried, key=lambda i: (tried[i], i))
+        attempt(centre - step)
+        attempt(centre + step)
     return best

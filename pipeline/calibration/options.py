@@ -31,7 +31,7 @@ class CalibrationOptions:
 
     text: str | None = None
     sequences: int = 128
-    length: int = 2048
+    length: int = 512
     sample: int = 512
     expert_sample: int = 128
 
