@@ -82,7 +82,8 @@ def _stage_here(opts: JobOptions, where: Path):
     """The calibration stage run in this process: the statistics the job staged and removed."""
     plan = make_plan(open_source(opts.model), opts.quant)
     given = CalibrationInput(plan, opts)
-    location = run_calibration(plan, opts, given, Location(str(where)), in_process=True, log=lambda _: None)
+    location = Location(str(where))
+    run_calibration(plan, opts, given, location, log=lambda _: None)
     return plan, given.ids(plan, opts), location
 
 

@@ -274,17 +274,17 @@ def _expert_hooks(module: nn.Module, name: str, sites: dict[str, SiteStats], cap
         x = x.reshape(-1, x.shape[-1]).float()
         index = index.reshape(x.shape[0], -1)
         weights = weights.reshape(x.shape[0], -1).float()
-        gate_up, down = mod.gate_up_proj.float(), mod.down_proj.float()
+        gate_up, down = mod.gate_up_proj, mod.down_proj  # one expert at a time in float32, never all
         got = output[0] if isinstance(output, (tuple, list)) else output
         rebuilt = torch.zeros_like(x[:, : got.shape[-1]]) if got.shape[-1] <= x.shape[-1] else None
         per_expert = []
         for e in range(gate_up.shape[0]):
             token, slot = torch.where(index == e)
             h = x[token]
-            gu = h @ (gate_up[e] if transposed else gate_up[e].t())
+            gu = h @ (gate_up[e].float() if transposed else gate_up[e].float().t())
             g, u = gu.chunk(2, dim=-1)
             inner = mod.act_fn(g) * u
-            o = inner @ (down[e] if transposed else down[e].t())
+            o = inner @ (down[e].float() if transposed else down[e].float().t())
             if rebuilt is not None:
                 rebuilt.index_add_(0, token, o * weights[token, slot, None])
             per_expert.append((h, inner))

@@ -73,13 +73,14 @@ class CalibrationPlan:
         return {"hidden": hidden, "layer": layer, "activations": activations, "stats": stats,
                 "total": hidden + layer + activations + stats}
 
-    def describe(self, workers: int, gpu: bool) -> str:
+    def describe(self, workers: int, gpu: bool, text: str | None = None) -> str:
+        """The dry run's lines; ``text`` names where the tokens come from (default: the options' text)."""
         o = self.options
         m = self.memory_bytes(workers, gpu)
         n = self.workers(workers)
         gb = 1e9
         return "\n".join([
-            f"calibration   {o.sequences} x {o.length} tokens of {o.resolved_text()}, through {len(self.layers)} "
+            f"calibration   {o.sequences} x {o.length} tokens of {text or o.resolved_text()}, through {len(self.layers)} "
             f"decoder layers one at a time; searches on {o.sample} tokens a matrix ({o.expert_sample} an expert)",
             f"  shards      {self.shards} of {len(self.shard_sequences(0))}-{len(self.shard_sequences(self.shards - 1))} "
             f"sequences on {n} workers ({'GPU, bf16' if gpu else 'CPU, float32'} forward)",

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..io.storage import Location
+from .forward import CalibrationError
 from .plan import CalibrationPlan
 from .staged import LayerStats, stage, staged
 from .stats import merge
@@ -83,6 +84,11 @@ def calibrate(plan: CalibrationPlan, ids: torch.Tensor, location: Location, call
         results: dict[int, ShardResult] = {}
         for part in call("layer", [(plan, i, collect)] * len(split)):
             results.update(part)
+        if collect and sorted(results) != list(range(plan.shards)):
+            # A worker restarted after a crash holds no hidden states: never stage a layer short of shards.
+            raise CalibrationError(f"calibration of {plan.layers[i].block}: shards {sorted(set(range(plan.shards)) - set(results))} "
+                               "are gone (a worker died and lost its hidden states); rerun the job, which resumes "
+                               "from the layers staged")
         if collect:
             stage(location, plan.layers[i].block, layer_stats(plan, i, results))
         logger.info("calibration: %s %s", plan.layers[i].block, "staged" if collect else "passed (staged earlier)")

@@ -18,6 +18,7 @@ import torch
 
 from sinq_ops import QuantConfig
 
+from ..calibration.worker import ShardWorker
 from ..io.storage import Location
 from ..sources import Source
 from .plan import Plan, Unit
@@ -28,9 +29,12 @@ from .unit import UnitResult, process_unit
 @ray.remote(max_restarts=3, max_task_retries=3, max_concurrency=2)
 class QuantizeWorker:
     def __init__(self, source: Source, config: QuantConfig, staging: Location, threads: int,
-                 calibration: Location | None = None) -> None:
+                 calibration: Location | None = None, model_config: dict | None = None) -> None:
         self.source = source
         self.calibration = calibration
+        self.model_config = model_config
+        self.threads = threads
+        self.shards: ShardWorker | None = None
         self.config = config
         self.staging = staging
         torch.set_num_threads(threads)  # a fixed count keeps float reductions, and so output, identical
@@ -38,6 +42,17 @@ class QuantizeWorker:
         node = ray.get_runtime_context().get_node_id()[:8]
         self.where = f"{socket.gethostname()}/{node}/pid{os.getpid()}/{self.device}"
         self.compute = threading.Lock()
+
+    def calibrate(self, method: str, *args):
+        """A call of the calibration stage (``ShardWorker``) on this worker's process and device: the
+        same pool calibrates, then quantizes, without starting processes twice."""
+        if self.shards is None:
+            self.shards = ShardWorker(self.source, self.model_config or {}, self.threads, self.device)
+        return getattr(self.shards, method)(*args)
+
+    def end_calibration(self) -> None:
+        """Free the shards' hidden states and the meta model before the units come."""
+        self.shards = None
 
     def process(self, unit: Unit) -> UnitResult:
         result = process_unit(self.source, unit, self.config, self.staging, self.device, self.compute,

@@ -2,7 +2,8 @@
 forward on a pool of calibration workers (Ray actors, or one object in this process), each layer's
 statistics staged beside the units, where the quantize workers read them.
 
-The calibration workers are stopped before the quantize pool starts: both want the same GPUs.
+The quantize pool's actors calibrate first (each holding some shards' hidden states), then drop
+their shards and take units: one set of processes and GPUs for both stages.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from ..architecture import shared_layout
 from ..calibration.plan import CalibrationPlan, calibration_plan
 from ..calibration.stage import calibrate
-from ..calibration.staged import CALIBRATION_DIR
 from ..calibration.text import read_text, synthetic_ids, token_ids
 from ..calibration.worker import ShardWorker
 from ..io.storage import Location
@@ -50,34 +50,26 @@ class CalibrationInput:
         return token_ids(plan.source, self.text, opts.calibration, self.spec)
 
 
-def run_calibration(plan: Plan, opts: JobOptions, given: CalibrationInput, staging: Location, *, in_process: bool,
-                    log: Callable[[str], None], workers: int = 1, actor_options: dict | None = None) -> Location:
-    """Stage every decoder layer's statistics under ``staging``, on up to ``workers`` Ray actors of
-    ``actor_options`` (or in this process); returns where they are."""
+def run_calibration(plan: Plan, opts: JobOptions, given: CalibrationInput, where: Location, *,
+                    log: Callable[[str], None], actors: list | None = None) -> None:
+    """Stage every decoder layer's statistics at ``where``: on the quantize pool's ``actors``
+    (``QuantizeWorker.calibrate``), or without them in this process."""
     cplan = plan_calibration(plan, opts)
-    where = staging.child(CALIBRATION_DIR)
     ids = given.ids(plan, opts)
-    if in_process:
+    if actors is None:
         threads = torch.get_num_threads()
         worker = ShardWorker(plan.source, plan.model_config, opts.cpus_per_worker, "cpu")
         try:
             calibrate(cplan, ids, where, lambda method, args: [getattr(worker, method)(*a) for a in args], 1, log)
         finally:
             torch.set_num_threads(threads)
-        return where
-    n = cplan.workers(workers)
-    actor = ray.remote(max_restarts=0)(ShardWorker)
-    actors = [actor.options(**(actor_options or {}), scheduling_strategy="SPREAD").remote(
-        plan.source, plan.model_config, opts.cpus_per_worker) for _ in range(n)]
+        return
+    used = actors[:cplan.workers(len(actors))]
     log(f"calibrating on {len(ids)} x {ids.shape[1]} tokens of {given.spec}: {len(cplan.layers)} layers, "
-        f"{cplan.shards} shards on {n} workers")
+        f"{cplan.shards} shards on {len(used)} workers")
 
     def call(method: str, args: list[tuple]) -> list:
-        return ray.get([getattr(w, method).remote(*a) for w, a in zip(actors, args)])
+        return ray.get([w.calibrate.remote(method, *a) for w, a in zip(used, args)])
 
-    try:
-        calibrate(cplan, ids, where, call, n, log)
-    finally:
-        for w in actors:
-            ray.kill(w, no_restart=True)
-    return where
+    calibrate(cplan, ids, where, call, len(used), log)
+    ray.get([w.end_calibration.remote() for w in used])

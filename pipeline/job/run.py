@@ -26,6 +26,7 @@ from ..output.layout import tool_version
 from ..output.manifest import MANIFEST_NAME, IncompleteOutput, verify
 from ..sources import Source, open_source
 from .actors import QuantizeWorker, Reducer
+from ..calibration.staged import CALIBRATION_DIR
 from .calibrate import CalibrationInput, plan_calibration, run_calibration
 from .destination import check_apart, take
 from .errors import JobError
@@ -129,14 +130,15 @@ def _actor_options(opts: JobOptions) -> tuple[int, dict]:
     return n, actor_opts
 
 
-def _pool(source: Source, opts: JobOptions, staging: Location, units: int, calibration: Location | None) -> list:
+def _pool(plan: Plan, opts: JobOptions, staging: Location, calibration: Location | None) -> list:
     n, actor_opts = _actor_options(opts)
     resources = ray.cluster_resources()
-    n = min(n, units)
+    n = min(n, len(plan.units))
     logger.info("%d quantize workers, each %s (cluster: %s)", n, actor_opts, dict(resources))
     return [
         QuantizeWorker.options(**actor_opts, scheduling_strategy="SPREAD").remote(
-            source, opts.quant, staging, opts.cpus_per_worker, calibration
+            plan.source, opts.quant, staging, opts.cpus_per_worker, calibration,
+            plan.model_config if calibration is not None else None
         )
         for _ in range(n)
     ]
@@ -231,7 +233,8 @@ def run_job(opts: JobOptions, log: Callable[[str], None] = print, *, in_process:
         log(plan.describe())
         if opts.quant.calibrated:
             workers = opts.workers or 8
-            log(plan_calibration(plan, opts).describe(workers, gpu=True))
+            text = "synthetic token ids" if plan.source.spec.startswith("synthetic://") else None
+            log(plan_calibration(plan, opts).describe(workers, gpu=True, text=text))
         return {"dry_run": True, "units": len(plan.units), "shards": len(plan.shards), "out_bytes": plan.out_bytes,
                 **plan.structure()}
 
@@ -261,20 +264,21 @@ def _run_locked(plan: Plan, opts: JobOptions, dest: Location, check: Future, log
     _probe(staging)
     if in_process:
         _checked(plan, check)
-        calibration = run_calibration(plan, opts, given, staging, in_process=True, log=log) \
-            if given is not None else None
+        calibration = staging.child(CALIBRATION_DIR) if given is not None else None
+        if given is not None:
+            run_calibration(plan, opts, given, calibration, log=log)
         return _run_in_process(plan, opts, dest, staging, key, t_start, calibration)
     _ensure_ray(opts)
-    calibration = None
-    if given is not None:  # the commit check first: a model that cannot be committed is not calibrated
-        _checked(plan, check)
-        n, actor_opts = _actor_options(opts)
-        calibration = run_calibration(plan, opts, given, staging, in_process=False, log=log, workers=n,
-                                      actor_options=actor_opts)
-    workers = _pool(plan.source, opts, staging, len(plan.units), calibration)
+    calibration = staging.child(CALIBRATION_DIR) if given is not None else None
+    workers = _pool(plan, opts, staging, calibration)
     try:
-        if given is None:
-            _checked(plan, check)
+        _checked(plan, check)
+        if given is not None:  # the pool calibrates first, then takes the units
+            run_calibration(plan, opts, given, calibration, log=log, actors=workers)
+    except (RayTaskError, RayActorError) as exc:
+        _stop(workers)
+        logger.debug("the calibration stage failed", exc_info=exc)
+        raise JobError(_unwrap(exc)) from None
     except BaseException:
         _stop(workers, busy=False)
         raise
