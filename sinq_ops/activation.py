@@ -12,6 +12,8 @@ gate sends to round-to-nearest is decided before any search (``search`` gives No
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,9 @@ def candidate_scale(x_abs_mean: Tensor, w_abs_mean: Tensor, alpha: float) -> Ten
 
 
 def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: Tensor | None = None,
-           alphas: int = ALPHAS, objective: str = "l1", keep_sinq: bool = True, coarse: int = 1) -> Tensor | None:
+           alphas: int = ALPHAS, objective: str = "l1", keep_sinq: bool = True, coarse: int = 1,
+           column_scale: Tensor | None = None, tie: Callable[[Tensor], Tensor] | None = None,
+           zero_in_range: bool = False) -> Tensor | None:
     """The activation scale ``[in_features]`` for ``weight`` ``[out, in]`` that gives the smallest error
     of the layer's output on ``inputs`` ``[tokens, in]`` (mean absolute with ``"l1"``, mean square
     with ``"l2"``); None where the kurtosis gate falls back to round-to-nearest.
@@ -51,6 +55,13 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
     step around the best so far (about 10 products instead of 21 for ``coarse=4``). The error is
     close to unimodal in the exponent, so this finds the grid's best or a neighbour of it at half
     the cost; 1 tries every exponent, as the reference does.
+
+    For a compressed-tensors output, whose column scales are folded into the tensors producing the
+    input: ``column_scale`` is the one the matrix is given (shared with the other readers of its
+    input, or tied per key/value head) in place of its own Sinkhorn scale and the kurtosis gate (a
+    scale of ones, round-to-nearest, gets no search); ``tie`` makes each candidate obey the same
+    constraint (repeated across the query heads of a key/value head); ``zero_in_range`` rounds as
+    that format stores its zeros. The matrix's column scale is then ``column_scale / s``.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {', '.join(OBJECTIVES)}")
@@ -61,21 +72,30 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
     if inputs.ndim != 2 or inputs.shape[1] != k:
         raise ValueError(f"inputs must be [tokens, {k}], got {list(inputs.shape)}")
     w = weight.to(torch.float16).float()
-    if n < 2 or kurtosis(w) > KURTOSIS_GATE:
-        return None
+    if column_scale is not None:
+        if column_scale.numel() != k:
+            raise ValueError(f"column_scale holds {column_scale.numel()} values, expected in_features={k}")
+        if not bool((column_scale != 1).any()):
+            return None
+        cols = column_scale.to(w.device, torch.float32).reshape(1, k)
+        normalised, back = w / cols, cols
+    else:
+        if n < 2 or kurtosis(w) > KURTOSIS_GATE:
+            return None
+        tiles = w.view(1, n, k // g, g)
+        rows, sk_cols = sinkhorn_scales(tiles, SINKHORN_ITERS)
+        normalised = (tiles / sk_cols.unsqueeze(1) / rows.unsqueeze(-1)).reshape(n, k)
+        back = (sk_cols.reshape(1, k) * rows.repeat_interleave(g, -1).reshape(n, k))  # normalised -> weight
     x = inputs.to(w.device, torch.float32)
     mean_x = (x.abs().mean(0) if x_abs_mean is None else x_abs_mean.to(w.device)).float()
     mean_w = w.abs().mean(0)
-    tiles = w.view(1, n, k // g, g)
-    rows, cols = sinkhorn_scales(tiles, SINKHORN_ITERS)
-    normalised = (tiles / cols.unsqueeze(1) / rows.unsqueeze(-1)).reshape(n, k)
-    back = (cols.reshape(1, k) * rows.repeat_interleave(g, -1).reshape(n, k))  # normalised -> weight
     want = x @ w.t()
     if coarse < 1:
         raise ValueError(f"coarse must be at least 1, got {coarse}")
 
     def error(s: Tensor) -> float:
-        codes, step, zero = round_uniform((normalised * s).view(n, k // g, g), config.max_code)
+        codes, step, zero = round_uniform((normalised * s).view(n, k // g, g), config.max_code,
+                                          zero_in_range=zero_in_range)
         deq = ((codes.float() - zero) * step).reshape(n, k) / s * back
         diff = x @ deq.t() - want
         return float(diff.abs().mean() if objective == "l1" else diff.square().mean())
@@ -91,6 +111,8 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
         if i in tried or not 0 <= i < alphas:
             return
         s = candidate_scale(mean_x, mean_w, i / alphas if alphas > 1 else 0.0)
+        if tie is not None:
+            s = tie(s)
         tried[i] = error(s)
         if tried[i] < best_err:  # the first of equal errors, as the reference keeps it
             best, best_err = s, tried[i]

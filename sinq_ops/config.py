@@ -91,6 +91,6 @@ def check_servable(config: QuantConfig) -> None:
     if config.tiling != "1D":
         why.append(f"tiling={config.tiling} (supported: 1D)")
     if config.codebook_name:
-        why.append(f"method={config.method} (supported: sinq, rtn; engines run uniform integer codes only)")
+        why.append(f"method={config.method} (supported: sinq, asinq, rtn; engines run uniform integer codes only)")
     if why:
         raise ValueError("--format compressed-tensors cannot hold " + "; ".join(why))

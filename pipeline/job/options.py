@@ -59,10 +59,6 @@ class JobOptions:
             raise ValueError(f"--format {self.output_format!r} is not supported; choose one of {', '.join(OUTPUT_FORMATS)}")
         if self.output_format == "compressed-tensors":
             check_servable(self.quant)
-        if self.output_format == "compressed-tensors" and self.quant.calibrated:
-            raise ValueError("--format compressed-tensors does not take --method asinq: its activation scale would "
-                             "have to be shared by the matrices that read one input and folded as the column scale "
-                             "is; use --format sinq for A-SINQ")
         if self.calibration.text is not None and not self.quant.calibrated:
             raise ValueError("--calibration is read by --method asinq only; drop it or pass --method asinq")
         if self.gpus_per_worker <= 0:

@@ -29,12 +29,7 @@ from ..io.storage import Location
 from ..sources import Source
 from .mapping import Piece
 from .plan import TensorTask, Unit
-from .served import quantize_served
-
-
-# A-SINQ's exponents searched coarse to fine, every 4th first (about 10 products a matrix instead of 21;
-# bench/README.md measures what it costs in quality).
-SEARCH_COARSE = 4
+from .served import SEARCH_COARSE, quantize_served
 
 
 class UnitError(ValueError):
@@ -248,7 +243,7 @@ def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw:
               ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
     """The unit's output tensors, sidecar entries and statistics, and the read and quantize seconds."""
     if unit.folds is not None:
-        return _quantize_served(source, unit, config, device, raw, read_s)
+        return _quantize_served(source, unit, config, device, raw, read_s, layer_stats)
     outputs: dict[str, torch.Tensor] = {}
     sidecar: dict[str, dict] = {}
     stats: list[TensorStats] = []
@@ -281,7 +276,8 @@ def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw:
 
 
 def _quantize_served(source: Source, unit: Unit, config: QuantConfig, device: str, raw: list[list[torch.Tensor]],
-                     read_s: float) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
+                     read_s: float, layer_stats: LayerStats | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict], list[TensorStats], float, float]:
     """``_quantize`` for a compressed-tensors output: the layer decoded whole, then ``quantize_served``."""
     tensors: dict[str, torch.Tensor] = {}
     for task, tensor, seconds in _assembled(source, unit, raw):
@@ -298,11 +294,22 @@ def _quantize_served(source: Source, unit: Unit, config: QuantConfig, device: st
             start = sum(n for p, n in task.parts[:[p for p, _ in task.parts].index(leaf)])
             sidecar[leaf].update({"of": task.leaf, "rows": [start, start + w.shape[0]]})
         stats.append(TensorStats(task.name if task.expert is None else leaf, list(w.shape), config.bits,
-                                 relative_error(w, q), seconds, q.sinkhorn_applied))
+                                 relative_error(w, q), seconds, q.sinkhorn_applied, activation.get(task.key)))
+
+    inputs = None
+    activation: dict[str, str] = {}
+    if layer_stats is not None:
+        leaf_of = {t.key: t.leaf for t in unit.tasks if t.quantize}
+
+        def inputs(key: str):
+            got = layer_stats.inputs(leaf_of[key])
+            if got is None:
+                activation[key] = layer_stats.missing.get(leaf_of[key], "no calibration statistics")
+            return got
 
     t0 = time.perf_counter()
     try:
-        outputs = quantize_served(unit, config, device, tensors, stat)
+        outputs = quantize_served(unit, config, device, tensors, stat, inputs, activation)
     except ValueError as exc:
         raise UnitError(f"{source.spec}: {unit.name}: {exc}") from None
     if device.startswith("cuda"):
