@@ -9,7 +9,7 @@ layer: every decoder Linear's full input over its calibration size (13 sequences
 recorded from the float model, then ``Quantizer.quantize(W, inputs, method="sinq_awq_l1_quantAux")``
 per Linear (its public "asinq"); its SINQ timed the same way (``method="sinq_quantAux"``).
 
-    bash dev.sh bench asinq [--bits 3 4] [--windows 8] [--ctx 512] [--sequences 8] [--length 512] [--sample 256]
+    bash dev.sh bench asinq [--bits 3 4] [--windows 8] [--ctx 512] [--sequences 8] [--length 512] [--sample 512]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--sample", type=int, default=256)
+    ap.add_argument("--sample", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="skip the reference's A-SINQ (about 15 minutes a "
                                                                    "bit width on 2 CPU cores)")

@@ -7,6 +7,7 @@ The model's published weights were themselves stored 4-bit with groups of 32 (GG
 the model's Linear layers have 576 input features, which 128 does not divide (192 = 576 / 3 does).
 
     python bench/quality.py [--windows 24] [--ctx 2048]
+    python bench/quality.py --asinq [ARGS]   A-SINQ's rows (bench/asinq.py: ours, our SINQ, the reference's A-SINQ)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 
 from oracle import reference_dequantize, reference_quantize  # noqa: E402
@@ -56,6 +58,12 @@ def reference_sinq_model(src: Path, bits: int, group: int):
 
 
 def main() -> None:
+    if "--asinq" in sys.argv:
+        import asinq
+
+        sys.argv.remove("--asinq")
+        asinq.main()
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=24)
     ap.add_argument("--ctx", type=int, default=2048)

@@ -239,7 +239,7 @@ def test_a_driver_killed_during_calibration_reruns_to_the_same_bytes(tmp_path: P
 @pytest.mark.parametrize(("args", "expected"), [
     (["--method", "asinq", "--tiling", "2D"], "method='asinq' needs tiling='1D'"),
     (["--calibration", "x.txt"], "--calibration is read by --method asinq only"),
-    (["--method", "asinq", "--format", "compressed-tensors"], "does not take --method asinq"),
+    (["--method", "asinq", "--format", "compressed-tensors", "--bits", "3"], "--format compressed-tensors cannot hold"),
     (["--method", "asinq", "--calibration-sequences", "0"], "--calibration-sequences must be an integer of at least 1"),
 ])
 def test_bad_options_are_refused_in_one_line(args: list[str], expected: str, tmp_path: Path, capsys) -> None:

@@ -83,9 +83,10 @@ def test_every_option_reaches_its_place_in_the_job_options(option) -> None:
     value = {"int": 16, "float": 0.25, "size": "6MiB", "flag": True, "list": ["x"]}.get(option.kind, "text")
     if option.choices:  # not the default, and not a codebook that needs other bits
         value = next(c for c in option.choices if c != option.default and c not in ("nf4", "nf3"))
-    settings = job_settings({"model": "m", "out": "o", option.key.replace("_", "-"): value}, "job.yaml")
+    extra = {"method": "asinq"} if option.part == "calibration" else {}  # read by A-SINQ only
+    settings = job_settings({"model": "m", "out": "o", option.key.replace("_", "-"): value, **extra}, "job.yaml")
     opts = JobOptions.from_settings(settings)
-    home = {"quant": opts.quant, "storage": opts.storage, "job": opts}[option.part]
+    home = {"quant": opts.quant, "storage": opts.storage, "calibration": opts.calibration, "job": opts}[option.part]
     want = parse_size(value) if option.kind == "size" else tuple(value) if option.kind == "list" else value
     assert getattr(home, option.attr) == want
 

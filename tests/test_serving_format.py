@@ -174,7 +174,7 @@ def test_format_is_part_of_the_run_key(tmp_path: Path, capsys) -> None:
     (("--group-size", "48"), "group_size=48 (supported: 32, 64, 128)"),
     (("--bits", "8", "--group-size", "32"), "bits=8 with group_size=32 (asymmetric 8-bit runs on Machete only"),
     (("--tiling", "2D"), "tiling=2D (supported: 1D)"),
-    (("--method", "nf4"), "method=nf4 (supported: sinq, rtn"),
+    (("--method", "nf4"), "method=nf4 (supported: sinq, asinq, rtn"),
 ])
 def test_unservable_settings_are_refused_before_any_work(tmp_path: Path, capsys, args, expected) -> None:
     src = tmp_path / "nothing-read"
