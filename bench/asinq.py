@@ -35,7 +35,7 @@ from quality import dense_model  # noqa: E402
 
 from jobs.demo_model import smollm2_checkpoint  # noqa: E402
 from jobs.evaluate import default_text  # noqa: E402
-from pipeline.calibration.options import DEFAULT_TEXT  # noqa: E402
+from pipeline.job.calibration.options import DEFAULT_TEXT  # noqa: E402
 from pipeline.evaluate import perplexity, text_windows  # noqa: E402
 from pipeline.job.options import JobOptions  # noqa: E402
 from pipeline.job.run import run_job  # noqa: E402

@@ -44,7 +44,8 @@ def evaluate(model: str, quantized: str, *, text: str, ctx: int = 2048, windows:
     """
     import torch
 
-    from pipeline.evaluate import check_evaluable, load_tokenizer, perplexity, pinned_spec, report, text_windows
+    from pipeline.evaluate import check_evaluable, perplexity, pinned_spec, report, text_windows
+    from pipeline.sources.tokenizer import load_tokenizer
     from pipeline.loader import load_quantized, load_source
     from pipeline.output.card import record_evaluation
     from pipeline.output.manifest import verify

@@ -21,7 +21,7 @@ import moe_models
 import oracle  # noqa: F401  (puts the reference package on the path)
 from checkpoints import write_llama_checkpoint
 from jobs import quantize as cli
-from pipeline.calibration.staged import load as load_stats
+from pipeline.job.calibration.staged import load as load_stats
 from pipeline.io.storage import Location
 from pipeline.job.calibrate import CalibrationInput, run_calibration
 from pipeline.job.options import JobOptions

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.calibration.staged import load as load_stats
+from pipeline.job.calibration.staged import load as load_stats
 from pipeline.io.storage import Location
 from pipeline.job.calibrate import CalibrationInput, run_calibration
 from pipeline.job.options import JobOptions

@@ -18,7 +18,7 @@ import torch
 
 from sinq_ops import QuantConfig
 
-from ..calibration.worker import ShardWorker
+from .calibration.worker import ShardWorker
 from ..io.storage import Location
 from ..sources import Source
 from .plan import Plan, Unit

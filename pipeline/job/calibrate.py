@@ -15,10 +15,10 @@ import ray
 import torch
 
 from ..architecture import shared_layout
-from ..calibration.plan import CalibrationPlan, calibration_plan
-from ..calibration.stage import calibrate
-from ..calibration.text import read_text, synthetic_ids, token_ids
-from ..calibration.worker import ShardWorker
+from .calibration.plan import CalibrationPlan, calibration_plan
+from .calibration.stage import calibrate
+from .calibration.text import read_text, synthetic_ids, token_ids
+from .calibration.worker import ShardWorker
 from ..io.storage import Location
 from .options import JobOptions
 from .plan import Plan

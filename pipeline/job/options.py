@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from sinq_ops.config import AUX_FORMATS, METHODS, SUPPORTED_BITS, TILINGS, QuantConfig, check_servable
 
-from ..calibration.options import CalibrationOptions
+from .calibration.options import CalibrationOptions
 from ..io.storage import StorageOptions
 from .settings import format_size, parse_size
 

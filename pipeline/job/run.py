@@ -26,7 +26,7 @@ from ..output.layout import tool_version
 from ..output.manifest import MANIFEST_NAME, IncompleteOutput, verify
 from ..sources import Source, open_source
 from .actors import QuantizeWorker, Reducer
-from ..calibration.staged import CALIBRATION_DIR
+from .calibration.staged import CALIBRATION_DIR
 from .calibrate import CalibrationInput, plan_calibration, run_calibration
 from .destination import check_apart, take
 from .errors import JobError

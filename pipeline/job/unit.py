@@ -23,8 +23,8 @@ from sinq_ops.formats import dequantize_fp8, dequantize_mxfp4
 from ..io.safetensors_io import (
     DTYPES, TensorInfo, aligned_order, header_bytes, tensor_bytes, tensor_from_bytes, write_stream,
 )
-from ..calibration.staged import LayerStats
-from ..calibration.staged import load as load_stats
+from .calibration.staged import LayerStats
+from .calibration.staged import load as load_stats
 from ..io.storage import Location
 from ..sources import Source
 from .mapping import Piece

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sources import Source
+from ...sources import Source
 from .forward import LayerRunner
 from .plan import CalibrationPlan
 from .stats import SiteStats

@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from ..io.storage import Location
+from ...io.storage import Location
 
 CALIBRATION_DIR = "calibration"
 

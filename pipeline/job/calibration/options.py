@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # WikiText-2's validation split beside the project (never the test split, which evaluation reads).
-DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext2_valid.txt"
+DEFAULT_TEXT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "wikitext2_valid.txt"
 
 
 def default_text() -> str:

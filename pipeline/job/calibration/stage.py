@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from ..io.storage import Location
+from ...io.storage import Location
 from .forward import CalibrationError
 from .plan import CalibrationPlan
 from .staged import LayerStats, stage, staged

@@ -12,8 +12,8 @@ import json
 
 import torch
 
-from ..io.storage import Location, StorageOptions
-from ..sources import Source
+from ...io.storage import Location, StorageOptions
+from ...sources import Source
 from .options import CalibrationOptions
 
 
@@ -39,7 +39,7 @@ def read_text(spec: str, storage: StorageOptions | None = None) -> tuple[str, st
 
 def token_ids(source: Source, text: str, options: CalibrationOptions, spec: str) -> torch.Tensor:
     """``[sequences, length]`` consecutive token ids of ``text`` by ``source``'s tokenizer."""
-    from ..evaluate import load_tokenizer
+    from ...sources.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(source)
     ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..job.planned import LAYER_PATTERN, Plan, TensorTask
+from ..planned import LAYER_PATTERN, Plan, TensorTask
 from .options import CalibrationOptions
 
 # Sequences are cut into at most this many shards: each shard's statistics travel to the driver

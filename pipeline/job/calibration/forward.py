@@ -19,10 +19,10 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..architecture import decoder_module, empty_model
-from ..job.planned import TensorTask, Unit
-from ..job.unit import _assembled, read_unit
-from ..sources import Source
+from ...architecture import decoder_module, empty_model
+from ..planned import TensorTask, Unit
+from ..unit import _assembled, read_unit
+from ...sources import Source
 from .stats import SiteStats
 
 logger = logging.getLogger(__name__)
