@@ -174,7 +174,7 @@ def test_no_repository_code_runs_even_when_answered_yes(good: Path, tmp_path: Pa
     (src / "config.json").write_text(json.dumps(cfg))
     (src / "tokenizer_config.json").write_text(json.dumps(
         {"auto_map": {"AutoTokenizer": [f"{src}--tokenization_evil.EvilTokenizer", None]}}))
-    script = (f"from pipeline.evaluate import load_tokenizer\nfrom pipeline.sources import open_source\n"
+    script = (f"from pipeline.sources.tokenizer import load_tokenizer\nfrom pipeline.sources import open_source\n"
               f"from jobs import quantize\n"
               f"print('quantize', quantize.main(['--model', {str(src)!r}, '--out', {str(tmp_path / 'out')!r}, "
               f"'--dry-run']))\n"
