@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # after the project: bench/pipeline.py is no package
 os.environ.setdefault("SINQ_AUTO_PATCH", "0")
 
 from oracle import reference_dequantize, reference_quantize  # noqa: E402
