@@ -63,7 +63,9 @@ def reference_asinq(src: Path, calibration: torch.Tensor, bits: int) -> tuple[to
     asinq_s = sinq_s = 0.0
     for name, m in linears(model).items():
         w = m.weight.data.to(torch.float16).float()
-        acts = torch.cat(inputs.pop(name))
+        # [sequences, tokens, in] as its pipeline hands them over: its compute_awq_scale averages |x| over
+        # the first two dimensions, so a 2-D [tokens, in] input would make the scale one number.
+        acts = torch.stack(inputs.pop(name))
         t0 = time.perf_counter()
         Quantizer.quantize(w, None, nbits=bits, group_size=64, axis=1, device="cpu", tiling_mode="1D",
                            method="sinq_quantAux", compute_dtype=torch.float32)
