@@ -186,13 +186,10 @@ class LayerRunner:
             self._release(filled)
 
     def _hooks(self, tasks: list[TensorTask], sites: dict[str, SiteStats], site_of: dict[str, str], cap: int,
-               expert_cap: int) -> list:
+               expert_cap: int, seen: dict) -> list:
         """Hooks adding the inputs of ``tasks``' quantized matrices to ``sites``; ``site_of`` maps each
         Linear's leaf to the site it reads (the first leaf that read the same input tensor)."""
         hooks = []
-        # id of an input tensor within one layer call -> (the tensor, kept alive so that its id is not
-        # reused by a later input of the same call, and its site)
-        seen: dict[int, tuple[Tensor, str]] = {}
 
         for task in [t for t in tasks if t.quantize and t.expert is None]:
             def record(module, args, leaf=task.leaf):
@@ -208,7 +205,6 @@ class LayerRunner:
         experts = sorted({t.name.rpartition(".")[0] for t in tasks if t.quantize and t.expert is not None})
         for name in experts:
             hooks += _expert_hooks(self.model.get_submodule(name), name, sites, expert_cap)
-        hooks.append(_Clear(seen))
         return hooks
 
 
@@ -223,7 +219,10 @@ class LayerCall:
         """``hidden`` ``[sequences, length, hidden]`` through the layer, a sequence at a time; with
         ``sites``, each quantized input's statistics are added to it, in token order (``_hooks``)."""
         r = self.runner
-        hooks = r._hooks(self.tasks, sites, {} if site_of is None else site_of, cap, expert_cap) \
+        # id of an input tensor within one layer call -> (the tensor, kept alive so that its id is not
+        # reused by a later input of the same call, and its site); emptied after each call
+        seen: dict[int, tuple[Tensor, str]] = {}
+        hooks = r._hooks(self.tasks, sites, {} if site_of is None else site_of, cap, expert_cap, seen) \
             if sites is not None else []
         try:
             out = torch.empty_like(hidden)
@@ -232,23 +231,11 @@ class LayerCall:
                 with r._only(self.index, x) as caught:
                     r._call(caught, inputs_embeds=torch.zeros_like(x))
                 out[i] = caught["output"][0].to(out.dtype)
-                for h in hooks:
-                    if isinstance(h, _Clear):
-                        h.remove()
+                seen.clear()
             return out
         finally:
             for h in hooks:
                 h.remove()
-
-
-class _Clear:
-    """Forgets the input tensors seen once a layer call is done (an id can be reused afterwards)."""
-
-    def __init__(self, seen: dict) -> None:
-        self.seen = seen
-
-    def remove(self) -> None:
-        self.seen.clear()
 
 
 def _expert_hooks(module: nn.Module, name: str, sites: dict[str, SiteStats], cap: int) -> list:

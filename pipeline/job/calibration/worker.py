@@ -20,12 +20,8 @@ ShardResult = tuple[dict[str, SiteStats], dict[str, str]]  # sites, and each Lin
 class ShardWorker:
     """The forward on some of the calibration shards; the same object runs in-process or as an actor."""
 
-    def __init__(self, source: Source, model_config: dict, threads: int, device: str | None = None) -> None:
+    def __init__(self, source: Source, model_config: dict, threads: int, device: str) -> None:
         torch.set_num_threads(threads)  # a fixed count keeps float reductions, and so the statistics, identical
-        if device is None:
-            import ray
-
-            device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self.runner = LayerRunner(source, model_config, device)
         self.hidden: dict[int, torch.Tensor] = {}
 
