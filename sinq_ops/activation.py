@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import KURTOSIS_GATE, SINKHORN_ITERS, QuantConfig
-from .rounding import round_uniform
+from .rounding import fake_uniform
 from .sinkhorn import kurtosis, sinkhorn_scales
 
 ALPHAS = 20  # exponents 0, 1/20, ..., 19/20, as the reference searches
@@ -34,10 +34,22 @@ def candidate_scale(x_abs_mean: Tensor, w_abs_mean: Tensor, alpha: float) -> Ten
     return s / (s.max() * s.min()).sqrt()
 
 
+def normalisation(weight: Tensor, config: QuantConfig) -> tuple[Tensor, Tensor] | None:
+    """SINQ's Sinkhorn row and column scales of ``weight`` ``[out, in]`` in 1D tiling (as ``quantize``
+    computes them), or None where the kurtosis gate sends it to round-to-nearest. Computed once and
+    given to both ``search`` and ``quantize(sinkhorn=...)``: it costs about as much as one candidate."""
+    n, k = weight.shape
+    w = weight.to(torch.float16).float()
+    if not config.uses_sinkhorn or n < 2 or kurtosis(w) > KURTOSIS_GATE:
+        return None
+    return sinkhorn_scales(w.view(1, n, k // config.group_size, config.group_size), SINKHORN_ITERS)
+
+
 def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: Tensor | None = None,
            alphas: int = ALPHAS, objective: str = "l1", keep_sinq: bool = True, coarse: int = 1,
            column_scale: Tensor | None = None, tie: Callable[[Tensor], Tensor] | None = None,
-           zero_in_range: bool = False) -> Tensor | None:
+           zero_in_range: bool = False, sinkhorn: tuple[Tensor, Tensor] | None = None,
+           max_rows: int | None = None) -> Tensor | None:
     """The activation scale ``[in_features]`` for ``weight`` ``[out, in]`` that gives the smallest error
     of the layer's output on ``inputs`` ``[tokens, in]`` (mean absolute with ``"l1"``, mean square
     with ``"l2"``); None where the kurtosis gate falls back to round-to-nearest.
@@ -62,6 +74,15 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
     scale of ones, round-to-nearest, gets no search); ``tie`` makes each candidate obey the same
     constraint (repeated across the query heads of a key/value head); ``zero_in_range`` rounds as
     that format stores its zeros. The matrix's column scale is then ``column_scale / s``.
+
+    ``sinkhorn`` is ``normalisation(weight, config)`` where the caller has it (it then decides the
+    kurtosis gate); otherwise the search computes it.
+
+    ``max_rows`` measures the error on that many output rows, evenly spaced, of a taller matrix. A
+    group lies within one row, so the rows rounded are rounded as in the whole matrix, and every
+    candidate is measured on the same rows: the mean error of a few hundred rows ranks candidates
+    as all rows do, at a cost that no longer grows with the matrix's height (28672 rows for a 70B
+    model's gate and up). Normalisation is still over all rows.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {', '.join(OBJECTIVES)}")
@@ -77,27 +98,36 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
             raise ValueError(f"column_scale holds {column_scale.numel()} values, expected in_features={k}")
         if not bool((column_scale != 1).any()):
             return None
-        cols = column_scale.to(w.device, torch.float32).reshape(1, k)
-        normalised, back = w / cols, cols
+        cols = column_scale.to(w.device, torch.float32).reshape(k)
+        normalised, rows = w / cols, None
     else:
-        if n < 2 or kurtosis(w) > KURTOSIS_GATE:
-            return None
+        if sinkhorn is None:
+            sinkhorn = normalisation(weight, config)
+            if sinkhorn is None:
+                return None
+        rows, sk_cols = sinkhorn
         tiles = w.view(1, n, k // g, g)
-        rows, sk_cols = sinkhorn_scales(tiles, SINKHORN_ITERS)
         normalised = (tiles / sk_cols.unsqueeze(1) / rows.unsqueeze(-1)).reshape(n, k)
-        back = (sk_cols.reshape(1, k) * rows.repeat_interleave(g, -1).reshape(n, k))  # normalised -> weight
+        rows, cols = rows.reshape(n, k // g, 1), sk_cols.reshape(k)
     x = inputs.to(w.device, torch.float32)
     mean_x = (x.abs().mean(0) if x_abs_mean is None else x_abs_mean.to(w.device)).float()
     mean_w = w.abs().mean(0)
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    if max_rows is not None and n > max_rows:
+        keep = torch.div(torch.arange(max_rows, device=w.device) * n, max_rows, rounding_mode="floor")
+        w, normalised, n = w[keep], normalised[keep], max_rows
+        rows = None if rows is None else rows[keep]
     want = x @ w.t()
     if coarse < 1:
         raise ValueError(f"coarse must be at least 1, got {coarse}")
 
     def error(s: Tensor) -> float:
-        codes, step, zero = round_uniform((normalised * s).view(n, k // g, g), config.max_code,
-                                          zero_in_range=zero_in_range)
-        deq = ((codes.float() - zero) * step).reshape(n, k) / s * back
-        diff = x @ deq.t() - want
+        # The weight is rows * deq(normalised * s) / s * cols: the row scale is applied per group with
+        # the rounding's step, the column scale and 1/s to the inputs, which are the smaller matrix.
+        deq = fake_uniform((normalised * s).view(n, k // g, g), config.max_code, zero_in_range=zero_in_range,
+                           times=rows)
+        diff = (x * (cols / s)) @ deq.view(n, k).t() - want
         return float(diff.abs().mean() if objective == "l1" else diff.square().mean())
 
     best, best_err = None, float("inf")

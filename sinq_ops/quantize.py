@@ -263,11 +263,13 @@ def _wants_sinkhorn(config: QuantConfig, tile_rows: int, kurtosis_of: Callable[[
 
 def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, column_scale: Tensor | None = None,
                 zero_in_range: bool = False, scale_dtype: torch.dtype | None = None,
-                activation_scale: Tensor | None = None):
+                activation_scale: Tensor | None = None, sinkhorn: tuple[Tensor, Tensor] | None = None):
     """Reference path: sinkhorn.py, rounding.py and packing.py on an fp32 copy of the weight."""
     _check_range(*(float(v) for v in torch.aminmax(w)))  # NaN and Inf propagate
     if column_scale is not None:
         use_sinkhorn = bool((column_scale != 1).any())
+    elif sinkhorn is not None:
+        use_sinkhorn = True
     else:
         use_sinkhorn = _wants_sinkhorn(config, tile_rows, lambda: kurtosis(w))
     n, k = w.shape
@@ -281,7 +283,7 @@ def _torch_path(w: Tensor, config: QuantConfig, tile_rows: int, column_scale: Te
         col_scale = column_scale.to(w.device, torch.float32).reshape(a, b, cols)
         normalised = tiles / col_scale.unsqueeze(1)
     elif use_sinkhorn:
-        row_scale, col_scale = sinkhorn_scales(tiles, SINKHORN_ITERS)
+        row_scale, col_scale = sinkhorn_scales(tiles, SINKHORN_ITERS) if sinkhorn is None else sinkhorn
         normalised = tiles / col_scale.unsqueeze(1) / row_scale.unsqueeze(-1)
     else:
         row_scale = torch.ones(a, rows, b, device=w.device)
@@ -335,6 +337,7 @@ def quantize(
     zero_in_range: bool = False,
     scale_dtype: torch.dtype | None = None,
     activation_scale: Tensor | None = None,
+    sinkhorn: tuple[Tensor, Tensor] | None = None,
 ) -> QuantizedWeight:
     """Quantize a 2-D ``[out_features, in_features]`` weight on the device it lives on.
 
@@ -348,25 +351,35 @@ def quantize(
     kept in, the dtype a serving format stores them in. ``activation_scale`` (``[in_features]``,
     A-SINQ's, from ``sinq_ops.activation.search``) multiplies the normalised weight before rounding
     and divides the column scale; a matrix the kurtosis gate sends to round-to-nearest ignores it.
-    These run on the torch path.
+    ``sinkhorn`` is the weight's row and column scales from ``sinq_ops.activation.normalisation``,
+    which A-SINQ's search has computed already (given, they decide the gate). These run on the
+    torch path.
     """
     config = QuantConfig(bits=bits, group_size=group_size, tiling=tiling, method=method, aux=aux)
     w = _prepare(weight, config)
     n, k = w.shape
     g = config.group_size
-    constrained = column_scale is not None or zero_in_range or scale_dtype is not None or activation_scale is not None
+    constrained = column_scale is not None or zero_in_range or scale_dtype is not None \
+        or activation_scale is not None or sinkhorn is not None
     if constrained:
         if tiling != "1D" or config.codebook_name:
-            raise ValueError("a given column scale, zero_in_range, scale_dtype and activation_scale need 1D tiling "
-                             "and uniform codes")
+            raise ValueError("a given column scale, zero_in_range, scale_dtype, activation_scale and sinkhorn need 1D "
+                             "tiling and uniform codes")
+        if sinkhorn is not None:
+            if column_scale is not None or not config.uses_sinkhorn:
+                raise ValueError("sinkhorn is given for SINQ's own normalisation, not with a column_scale or for "
+                                 f"method={method!r}")
+            if tuple(sinkhorn[0].shape) != (1, n, k // g) or tuple(sinkhorn[1].shape) != (1, k // g, g):
+                raise ValueError(f"sinkhorn holds scales of shapes {[list(t.shape) for t in sinkhorn]}, expected "
+                                 f"[[1, {n}, {k // g}], [1, {k // g}, {g}]] (sinq_ops.activation.normalisation)")
         for name, given in (("column_scale", column_scale), ("activation_scale", activation_scale)):
             if given is not None and given.numel() != k:
                 raise ValueError(f"{name} holds {given.numel()} values, expected in_features={k}")
         if backend == "triton":
-            raise ValueError("backend='triton' takes no given column scale, zero_in_range, scale_dtype or "
-                             "activation_scale; use 'torch'")
+            raise ValueError("backend='triton' takes no given column scale, zero_in_range, scale_dtype, "
+                             "activation_scale or sinkhorn; use 'torch'")
         qweight, group_scale, zero, col_scale, use_sinkhorn = _torch_path(w, config, n, column_scale, zero_in_range,
-                                                                          scale_dtype, activation_scale)
+                                                                          scale_dtype, activation_scale, sinkhorn)
     else:
         path = _triton_path if _backend(w, backend) == "triton" else _torch_path
         qweight, group_scale, zero, col_scale, use_sinkhorn = path(w, config, n if tiling == "1D" else g)

@@ -36,16 +36,29 @@ def round_uniform(x: Tensor, max_code: int, *, zero_in_range: bool = False,
     ``scale_dtype`` rounds the scale to the dtype it will be stored in before the codes are chosen,
     so the codes are the nearest for the scale a loader will read (bfloat16 keeps 8 bits of it).
     """
-    lo = x.amin(-1, keepdim=True)
-    hi = x.amax(-1, keepdim=True)
+    scale, zero = _grid(x, max_code, zero_in_range, scale_dtype)
+    codes = torch.round(x / scale + zero).clamp_(0, max_code).to(torch.uint8)
+    return codes, scale, zero
+
+
+def _grid(x: Tensor, max_code: int, zero_in_range: bool, scale_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """Each group's step and zero (``round_uniform``'s arithmetic, shared with ``fake_uniform``)."""
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # both faster than one aminmax on the CPU
     if zero_in_range:
         lo, hi = lo.clamp_max(0), hi.clamp_min(0)
     scale = (hi - lo).clamp_min(_MIN_RANGE) / max_code
     if scale_dtype is not None:
         scale = scale.to(scale_dtype).float()
-    zero = -torch.round(lo / scale)
-    codes = torch.round(x / scale + zero).clamp_(0, max_code).to(torch.uint8)
-    return codes, scale, zero
+    return scale, -torch.round(lo / scale)
+
+
+def fake_uniform(x: Tensor, max_code: int, *, zero_in_range: bool = False, times: Tensor | None = None) -> Tensor:
+    """``decode(*round_uniform(x))``, times ``times`` (broadcast over groups), computed in place of
+    ``x`` (a float32 tensor the caller gives up): a search that rounds a matrix once per candidate
+    keeps one copy of it and never materialises the uint8 codes."""
+    scale, zero = _grid(x, max_code, zero_in_range, None)
+    out = x.div_(scale).add_(zero).round_().clamp_(0, max_code).sub_(zero)
+    return out.mul_(scale if times is None else scale * times)
 
 
 def round_codebook(x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,7 +11,8 @@ from oracle import Quantizer
 from sinq.awq import compute_awq_scale
 
 from sinq_ops import QuantConfig, quantize
-from sinq_ops.activation import search
+from sinq_ops.activation import ALPHAS, candidate_scale, normalisation, search
+from sinq_ops.rounding import decode, fake_uniform, round_uniform
 
 CFG = QuantConfig(bits=4, group_size=64, aux="fp16")
 
@@ -69,6 +70,57 @@ def test_a_matrix_the_kurtosis_gate_sends_to_rtn_gets_no_search() -> None:
     assert search(w, x, CFG) is None
     ones = quantize(w, **CFG.to_dict(), backend="torch", activation_scale=torch.full((256,), 3.0)).dequantize()
     assert torch.equal(ones, quantize(w, **CFG.to_dict(), backend="torch").dequantize())
+
+
+def test_the_normalisation_computed_once_gives_what_computing_it_twice_gives() -> None:
+    w = llm_like(256, 512, seed=7).half().float()
+    x = _inputs(512, seed=3).reshape(-1, 512)
+    sinkhorn = normalisation(w, CFG)
+    scale = search(w, x, CFG, coarse=4, sinkhorn=sinkhorn)
+    assert torch.equal(scale, search(w, x, CFG, coarse=4))
+    shared = quantize(w, **CFG.to_dict(), activation_scale=scale, sinkhorn=sinkhorn).to_state_dict("w")
+    alone = quantize(w, **CFG.to_dict(), activation_scale=scale).to_state_dict("w")
+    assert shared.keys() == alone.keys() and all(torch.equal(shared[k], alone[k]) for k in shared)
+    assert normalisation(heavy_tailed(128, 256, seed=0), CFG) is None  # the gate: no Sinkhorn, no search
+
+
+def test_the_error_on_evenly_spaced_rows_is_the_whole_quantization_s_there_and_picks_as_well() -> None:
+    w = llm_like(2048, 256, seed=4).half().float()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(512, 256, generator=g) * (1 + 5 * torch.rand(256, generator=g))
+    x[:, :4] *= 20
+    full = search(w, x, CFG)
+    assert torch.equal(search(w, x, CFG, max_rows=2048), full)  # as many rows as it has: all of them
+    sampled = search(w, x, CFG, max_rows=256)
+    # the pick is the candidate whose whole-matrix quantization errs least on rows 0, 8, 16, ...
+    keep = torch.arange(0, 2048, 8)
+    candidates = [torch.ones(256)] + [candidate_scale(x.abs().mean(0), w.abs().mean(0), i / ALPHAS)
+                                      for i in range(ALPHAS)]
+    on_rows = [_output_error(x, w[keep], quantize(w, **CFG.to_dict(), activation_scale=s).dequantize()[keep])
+               for s in candidates]
+    assert torch.equal(sampled, candidates[on_rows.index(min(on_rows))])
+    errors = [_output_error(x, w, quantize(w, **CFG.to_dict(), activation_scale=s).dequantize())
+              for s in (full, sampled, torch.ones(256))]
+    assert errors[1] <= 1.01 * errors[0] and errors[1] < 0.95 * errors[2]
+    with pytest.raises(ValueError, match="max_rows must be at least 1"):
+        search(w, x, CFG, max_rows=0)
+
+
+def test_the_rounding_round_trip_in_place_is_decode_of_the_codes() -> None:
+    x = torch.randn(64, 8, 64) * torch.rand(64, 8, 1)
+    for zero_in_range in (False, True):
+        want = decode(*round_uniform(x, 7, zero_in_range=zero_in_range), None)
+        assert torch.equal(fake_uniform(x.clone(), 7, zero_in_range=zero_in_range), want)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(sinkhorn=(torch.ones(1, 128, 4), torch.ones(1, 4, 32))), "expected .*normalisation"),
+    (dict(sinkhorn=(torch.ones(1, 128, 4), torch.ones(1, 4, 64)), column_scale=torch.ones(256)),
+     "not with a column_scale"),
+])
+def test_a_given_normalisation_of_the_wrong_form_is_refused(bad: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        quantize(llm_like(128, 256, seed=1), **CFG.to_dict(), **bad)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -26,7 +26,7 @@ from pipeline.io.storage import Location
 from pipeline.job.calibrate import CalibrationInput, run_calibration
 from pipeline.job.options import JobOptions
 from pipeline.job.plan import make_plan
-from pipeline.job.unit import SEARCH_COARSE
+from pipeline.job.unit import SEARCH
 from pipeline.loader import load_quantized
 from pipeline.sources import open_source
 from pipeline_checks import file_bytes
@@ -131,7 +131,7 @@ def test_dense_output_is_the_in_memory_search_on_the_float_models_statistics(den
             # The layer-by-layer forward saw what the whole model's forward feeds this matrix.
             torch.testing.assert_close(mean, x.abs().mean(0), rtol=1e-5, atol=1e-6)
             w = model.get_submodule(task.leaf).weight.detach()
-            scale = search(w, sample.float(), config, x_abs_mean=mean, coarse=SEARCH_COARSE)
+            scale = search(w, sample.float(), config, x_abs_mean=mean, **SEARCH)
             want = quantize(w, **config.to_dict(), activation_scale=scale)
             got = _stored_weight(out, task.leaf)
             assert torch.equal(got.dequantize(), want.dequantize()), task.leaf

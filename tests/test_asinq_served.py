@@ -16,7 +16,7 @@ from pipeline.job.calibrate import CalibrationInput, run_calibration
 from pipeline.job.options import JobOptions
 from pipeline.job.plan import make_plan
 from pipeline.job.run import run_job
-from pipeline.job.served import SEARCH_COARSE, _tied
+from pipeline.job.served import SEARCH, _tied
 from pipeline.loader import load_quantized
 from pipeline.sources import open_source
 from pipeline_checks import read_dir_tensors
@@ -32,7 +32,7 @@ G = CONFIG.group_size
 
 def _searched(w: torch.Tensor, stats, leaf: str, scale: torch.Tensor, tie=None) -> torch.Tensor:
     mean, sample = stats.inputs(leaf)
-    s = search(w, sample.float(), CONFIG, x_abs_mean=mean, coarse=SEARCH_COARSE, column_scale=scale, tie=tie,
+    s = search(w, sample.float(), CONFIG, x_abs_mean=mean, **SEARCH, column_scale=scale, tie=tie,
                zero_in_range=True)
     return scale if s is None else scale / s
 

@@ -60,7 +60,11 @@ def run_calibration(plan: Plan, opts: JobOptions, given: CalibrationInput, where
         threads = torch.get_num_threads()
         worker = ShardWorker(plan.source, plan.model_config, opts.cpus_per_worker, "cpu")
         try:
-            calibrate(cplan, ids, where, lambda method, args: [getattr(worker, method)(*a) for a in args], 1, log)
+            def call(method: str, args: list[tuple]) -> Callable[[], list]:
+                results = [getattr(worker, method)(*a) for a in args]
+                return lambda: results
+
+            calibrate(cplan, ids, where, call, 1, log)
         finally:
             torch.set_num_threads(threads)
         return
@@ -68,8 +72,9 @@ def run_calibration(plan: Plan, opts: JobOptions, given: CalibrationInput, where
     log(f"calibrating on {len(ids)} x {ids.shape[1]} tokens of {given.spec}: {len(cplan.layers)} layers, "
         f"{cplan.shards} shards on {len(used)} workers")
 
-    def call(method: str, args: list[tuple]) -> list:
-        return ray.get([w.calibrate.remote(method, *a) for w, a in zip(used, args)])
+    def call(method: str, args: list[tuple]) -> Callable[[], list]:
+        refs = [w.calibrate.remote(method, *a) for w, a in zip(used, args)]
+        return lambda: ray.get(refs)
 
     calibrate(cplan, ids, where, call, len(used), log)
     ray.get([w.end_calibration.remote() for w in used])

@@ -23,9 +23,10 @@ from sinq_ops.compressed import to_compressed
 from ..io.safetensors_io import DTYPES
 from .planned import TensorTask, Unit
 
-# A-SINQ's exponents searched coarse to fine, every 4th first (about 10 products a matrix instead of 21;
-# bench/README.md measures what it costs in quality).
-SEARCH_COARSE = 4
+# A-SINQ's search as the job runs it: the exponents coarse to fine, every 4th first (about 10 products
+# a matrix instead of 21), the error measured on at most 512 of a matrix's output rows (bench/README.md
+# measures what each costs in quality).
+SEARCH = {"coarse": 4, "max_rows": 512}
 
 
 def _tied(scale: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
@@ -81,7 +82,7 @@ def quantize_served(unit: Unit, config: QuantConfig, device: str, tensors: dict[
         mean, sample = got
         with _naming(key):
             s = search(w, sample.to(w.device, torch.float32), config, x_abs_mean=mean.to(w.device),
-                       coarse=SEARCH_COARSE, column_scale=scale, tie=tie, zero_in_range=True)
+                       **SEARCH, column_scale=scale, tie=tie, zero_in_range=True)
         notes[key] = "searched" if s is not None else "round-to-nearest (a column scale of 1)"
         return scale if s is None else scale / s
     # Shared scales first, from the matrices as they came: scaling a matrix's rows (the row folds below)

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from sinq_ops import QuantConfig, quantize, relative_error
-from sinq_ops.activation import search
+from sinq_ops.activation import normalisation, search
 from sinq_ops.formats import dequantize_fp8, dequantize_mxfp4
 
 from ..io.safetensors_io import (
@@ -29,7 +29,7 @@ from ..io.storage import Location
 from ..sources import Source
 from .mapping import Piece
 from .plan import TensorTask, Unit
-from .served import SEARCH_COARSE, quantize_served
+from .served import SEARCH, quantize_served
 
 
 class UnitError(ValueError):
@@ -225,17 +225,22 @@ def _layer_stats(calibration: Location | None, unit: Unit, config: QuantConfig) 
     return load_stats(calibration, unit.block)
 
 
-def _activation_scale(w: torch.Tensor, leaf: str, config: QuantConfig,
-                      layer_stats: LayerStats | None) -> tuple[torch.Tensor | None, str | None]:
-    """A-SINQ's scale for the matrix ``leaf`` from its staged inputs, and what became of it."""
+def _activation_scale(w: torch.Tensor, leaf: str, config: QuantConfig, layer_stats: LayerStats | None,
+                      ) -> tuple[dict, str | None]:
+    """``quantize``'s A-SINQ arguments for the matrix ``leaf`` from its staged inputs (its activation
+    scale, and the Sinkhorn scales the search computed), and what became of its scale."""
     if layer_stats is None:
-        return None, None
+        return {}, None
     inputs = layer_stats.inputs(leaf)
     if inputs is None:
-        return None, layer_stats.missing.get(leaf, "no calibration statistics")
+        return {}, layer_stats.missing.get(leaf, "no calibration statistics")
     mean, sample = inputs
-    scale = search(w, sample.to(w.device, torch.float32), config, x_abs_mean=mean.to(w.device), coarse=SEARCH_COARSE)
-    return scale, "searched" if scale is not None else "kurtosis gate"
+    sinkhorn = normalisation(w, config)
+    if sinkhorn is None:
+        return {}, "kurtosis gate"
+    scale = search(w, sample.to(w.device, torch.float32), config, x_abs_mean=mean.to(w.device), **SEARCH,
+                   sinkhorn=sinkhorn)
+    return {"activation_scale": scale, "sinkhorn": sinkhorn}, "searched"
 
 
 def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw: list[list[torch.Tensor]],
@@ -258,8 +263,8 @@ def _quantize(source: Source, unit: Unit, config: QuantConfig, device: str, raw:
         if task.transpose:
             w = w.t().contiguous()
         try:
-            scale, activation = _activation_scale(w, task.leaf, config, layer_stats)
-            q = quantize(w, **config.to_dict(), activation_scale=scale)
+            calibrated, activation = _activation_scale(w, task.leaf, config, layer_stats)
+            q = quantize(w, **config.to_dict(), **calibrated)
         except ValueError as exc:
             raise UnitError(f"{source.spec}/{task.file}: {task.source_name}: {exc}") from None
         err = relative_error(w, q)

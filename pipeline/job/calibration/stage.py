@@ -66,8 +66,9 @@ def layer_stats(plan: CalibrationPlan, index: int, results: dict[int, ShardResul
 def calibrate(plan: CalibrationPlan, ids: torch.Tensor, location: Location, call: Callable, workers: int,
               log: Callable[[str], None] = print) -> int:
     """Run the stage; returns how many layers an earlier run had staged. ``call(method, per_worker_args)``
-    runs a ``ShardWorker`` method on every worker with its own arguments and returns the results in
-    worker order (Ray actors, or objects in this process)."""
+    starts a ``ShardWorker`` method on every worker with its own arguments and returns a function that
+    waits for the results, in worker order (Ray actors, or objects in this process): the workers run
+    the next layer while the driver merges and stages the last."""
     done = [staged(location, layer.block) for layer in plan.layers]
     if all(done):
         log(f"calibration: all {len(plan.layers)} layers' statistics were staged by an earlier run; reused")
@@ -78,12 +79,15 @@ def calibrate(plan: CalibrationPlan, ids: torch.Tensor, location: Location, call
     t0 = time.perf_counter()
     split = worker_shards(plan, workers)
     call("start", [(plan, {s: ids[plan.shard_sequences(s).start:plan.shard_sequences(s).stop] for s in shards})
-                   for shards in split])
+                   for shards in split])()
+    pending = call("layer", [(plan, 0, not done[0])] * len(split))
     for i in range(last + 1):
         collect = not done[i]
         results: dict[int, ShardResult] = {}
-        for part in call("layer", [(plan, i, collect)] * len(split)):
+        for part in pending():
             results.update(part)
+        if i < last:  # the next layer needs only the workers' hidden states, not this layer's staging
+            pending = call("layer", [(plan, i + 1, not done[i + 1])] * len(split))
         if collect and sorted(results) != list(range(plan.shards)):
             # A worker restarted after a crash holds no hidden states: never stage a layer short of shards.
             raise CalibrationError(f"calibration of {plan.layers[i].block}: shards {sorted(set(range(plan.shards)) - set(results))} "
