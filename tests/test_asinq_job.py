@@ -24,6 +24,8 @@ from jobs import quantize as cli
 from pipeline.job.calibration.staged import load as load_stats
 from pipeline.io.storage import Location
 from pipeline.job.calibrate import CalibrationInput, run_calibration
+from pipeline.job.calibration.options import CalibrationOptions
+from pipeline.job.calibration.text import token_ids
 from pipeline.job.options import JobOptions
 from pipeline.job.plan import make_plan
 from pipeline.job.unit import SEARCH
@@ -260,6 +262,18 @@ def test_a_text_too_short_or_missing_is_refused_before_any_layer_runs(dense, tmp
         err = capsys.readouterr().err.strip()
         assert expected in err and len(err.splitlines()) == 1
         assert not list(out.glob(".staging/*/calibration/*"))
+
+
+def test_the_calibration_tokens_are_the_whole_texts_first_though_only_a_prefix_is_tokenized(dense) -> None:
+    from transformers import AutoTokenizer
+
+    source = open_source(str(dense[0]))
+    words = TEXT.split()
+    text = " ".join(words * 40)  # about 50,000 tokens: far more than the prefix the job tokenizes
+    whole = AutoTokenizer.from_pretrained(str(dense[0]))(text)["input_ids"]
+    for sequences, length in ((2, 16), (4, 300), (1, len(whole))):  # the last needs every token of the text
+        ids = token_ids(source, text, CalibrationOptions(sequences=sequences, length=length), "text.txt")
+        assert ids.tolist() == [whole[i * length:(i + 1) * length] for i in range(sequences)]
 
 
 def test_dry_run_prints_the_calibration_plan_and_its_memory_per_worker(capsys) -> None:

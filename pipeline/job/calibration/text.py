@@ -37,13 +37,25 @@ def read_text(spec: str, storage: StorageOptions | None = None) -> tuple[str, st
     return text, hashlib.sha256(data).hexdigest()
 
 
+_CHARS_PER_TOKEN = 6  # a first guess at the prefix needed; doubled until it holds enough tokens
+_CUT_MARGIN = 64  # tokens past those needed, so that the prefix's cut cannot reach them
+
+
 def token_ids(source: Source, text: str, options: CalibrationOptions, spec: str) -> torch.Tensor:
     """``[sequences, length]`` consecutive token ids of ``text`` by ``source``'s tokenizer."""
     from ...sources.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(source)
-    ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
     need = options.tokens
+    # A large corpus is not tokenized whole: a prefix long enough for the tokens needed is, and the
+    # last tokens of that prefix, which its cut may have changed (a split word, an end-of-text
+    # token), are never among those taken.
+    chars = need * _CHARS_PER_TOKEN
+    while True:
+        ids = torch.tensor(tokenizer(text[:chars], return_tensors=None)["input_ids"], dtype=torch.long)
+        if chars >= len(text) or ids.numel() >= need + _CUT_MARGIN:
+            break
+        chars *= 2
     if ids.numel() < need:
         raise ValueError(f"--calibration {spec}: {ids.numel()} tokens, fewer than --calibration-sequences "
                          f"{options.sequences} x --calibration-length {options.length} = {need}; pass a longer text "
