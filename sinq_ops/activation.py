@@ -37,7 +37,7 @@ def candidate_scale(x_abs_mean: Tensor, w_abs_mean: Tensor, alpha: float) -> Ten
 def normalisation(weight: Tensor, config: QuantConfig) -> tuple[Tensor, Tensor] | None:
     """SINQ's Sinkhorn row and column scales of ``weight`` ``[out, in]`` in 1D tiling (as ``quantize``
     computes them), or None where the kurtosis gate sends it to round-to-nearest. Computed once and
-    given to both ``search`` and ``quantize(sinkhorn=...)``: it costs about as much as one candidate."""
+    given to both ``search`` and ``quantize(sinkhorn=...)``: it costs as much as a few candidates."""
     n, k = weight.shape
     w = weight.to(torch.float16).float()
     if not config.uses_sinkhorn or n < 2 or kurtosis(w) > KURTOSIS_GATE:
