@@ -20,7 +20,6 @@ from .sources import Source, open_source
 from .sources.tokenizer import TOKENIZER_VOCAB
 
 
-
 @dataclass
 class Perplexity:
     ppl: float

@@ -86,6 +86,10 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r} is not supported; choose one of {', '.join(OBJECTIVES)}")
+    if coarse < 1:
+        raise ValueError(f"coarse must be at least 1, got {coarse}")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
     if config.tiling != "1D" or config.codebook_name or not config.uses_sinkhorn:
         raise ValueError("the activation scale is searched for SINQ with uniform codes and 1D tiling")
     n, k = weight.shape
@@ -98,29 +102,25 @@ def search(weight: Tensor, inputs: Tensor, config: QuantConfig, *, x_abs_mean: T
             raise ValueError(f"column_scale holds {column_scale.numel()} values, expected in_features={k}")
         if not bool((column_scale != 1).any()):
             return None
-        cols = column_scale.to(w.device, torch.float32).reshape(k)
-        normalised, rows = w / cols, None
+        rows, cols = None, column_scale.to(w.device, torch.float32).reshape(k)
     else:
         if sinkhorn is None:
             sinkhorn = normalisation(weight, config)
             if sinkhorn is None:
                 return None
-        rows, sk_cols = sinkhorn
-        tiles = w.view(1, n, k // g, g)
-        normalised = (tiles / sk_cols.unsqueeze(1) / rows.unsqueeze(-1)).reshape(n, k)
-        rows, cols = rows.reshape(n, k // g, 1), sk_cols.reshape(k)
+        rows, cols = sinkhorn[0].reshape(n, k // g, 1), sinkhorn[1].reshape(k)
     x = inputs.to(w.device, torch.float32)
     mean_x = (x.abs().mean(0) if x_abs_mean is None else x_abs_mean.to(w.device)).float()
-    mean_w = w.abs().mean(0)
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    mean_w = w.abs().mean(0)  # the candidates' weight statistic: over every row
     if max_rows is not None and n > max_rows:
         keep = torch.div(torch.arange(max_rows, device=w.device) * n, max_rows, rounding_mode="floor")
-        w, normalised, n = w[keep], normalised[keep], max_rows
+        w, n = w[keep], max_rows
         rows = None if rows is None else rows[keep]
+    normalised = w.view(n, k // g, g) / cols.view(k // g, g)  # only the rows measured are normalised
+    if rows is not None:
+        normalised = normalised / rows
+    normalised = normalised.reshape(n, k)
     want = x @ w.t()
-    if coarse < 1:
-        raise ValueError(f"coarse must be at least 1, got {coarse}")
 
     def error(s: Tensor) -> float:
         # The weight is rows * deq(normalised * s) / s * cols: the row scale is applied per group with
