@@ -1,6 +1,10 @@
 """A compressed-tensors output served by a real engine: vLLM's CPU build, started as its own process
 on 127.0.0.1 from ``.venv-serve`` (``tests/vllm_server.py``), one server for the module.
 
+The output is A-SINQ's: the same tensors as SINQ's, with every fold SINQ makes and the activation
+scale divided out of each column scale before it folds (calibrated in process on the module's text),
+so the engine reads the most that any method of ours writes into the format.
+
 The engine's prompt log-probabilities are compared with ``load_quantized`` on the same codes, and
 transformers' own compressed-tensors loader (in the serving environment, with its pinned
 compressed-tensors) with ``load_quantized``'s logits; ``sinq-evaluate --engine`` measures
@@ -21,6 +25,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from jobs import evaluate as evaluate_cli
 from pipeline.engine import Engine, engine_perplexity
 from pipeline.evaluate import perplexity, text_windows
+from pipeline.job.calibration.options import CalibrationOptions
 from pipeline.job.options import JobOptions
 from pipeline.job.run import run_job
 from pipeline.loader import load_quantized
@@ -28,7 +33,7 @@ from sinq_ops import QuantConfig
 from test_loading import TEXT, _word_tokenizer
 from vllm_server import serve_env, serve_python, vllm_server
 
-CONFIG = QuantConfig(bits=4, group_size=32)
+CONFIG = QuantConfig(bits=4, group_size=32, method="asinq")
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +52,12 @@ def served(tmp_path_factory) -> tuple[Path, Path, str, Path]:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     model.save_pretrained(src)
     out = root / "out"
-    run_job(JobOptions(model=str(src), out=str(out), quant=CONFIG, output_format="compressed-tensors"),
-            in_process=True, log=lambda _: None)
     text = root / "text.txt"
     text.write_text(TEXT)
+    run_job(JobOptions(model=str(src), out=str(out), quant=CONFIG, output_format="compressed-tensors",
+                       calibration=CalibrationOptions(text=str(text), sequences=4, length=64, sample=128)),
+            in_process=True, log=lambda _: None)
+    assert "searched" in json.dumps(json.loads((out / "manifest.json").read_text()))
     with vllm_server(out, root / "vllm.log") as server:
         yield src, out, server.url, text
 
